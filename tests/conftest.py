@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import FAMILIES, save_tiny, tiny_model, tiny_tokenizer  # noqa: F401
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path, monkeypatch):
+    """No test reads or writes the user's workspace or cache."""
+    monkeypatch.setenv("KNOWLEDGER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("KNOWLEDGER_DB", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    return save_tiny("llama", tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"development data not found at {SHARED_DATA} (it sits beside the checkout)")
+    return SHARED_DATA
