@@ -36,6 +36,12 @@ class ModelSpec:
     embed: str  # token embedding, from the root
     unembed: str  # output head (may share its weight with `embed`), from the root
     orientation: Orientation  # of mlp_out's weight, see the module docstring
+    pos_embed: str | None = None  # learned absolute position embedding added to inputs_embeds
+
+    @property
+    def base(self) -> str:
+        """The decoder stack without the LM head (what takes `inputs_embeds`), e.g. "model"."""
+        return self.layers.rsplit(".", 1)[0]
 
     # --- dotted names, the only place they are built -------------------------------------
     def layer(self, i: int) -> str:
@@ -108,6 +114,7 @@ SPECS: dict[str, ModelSpec] = {
         embed="transformer.wte",
         unembed="lm_head",
         orientation="conv1d",
+        pos_embed="transformer.wpe",
     ),
     "gptj": ModelSpec(
         family="gptj",

@@ -1,0 +1,94 @@
+"""Direct editing without the ledger: load a model, gather key statistics, edit, evaluate, save.
+
+This is what `knowledger edit` and `knowledger bench` stand on; the scheduler (agent.scheduler)
+adds the ledger around the same calls.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from knowledger.editors.apply import apply_deltas
+from knowledger.editors.editor import Editor
+from knowledger.editors.hparams import EditHParams, load_preset, preset_for
+from knowledger.editors.model_spec import ModelSpec, spec_for
+from knowledger.editors.models import load_model, weights_sha256
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    weights_sha256: str
+    load_s: float = 0.0
+    stats: dict[int, torch.Tensor] = field(default_factory=dict)
+    stats_s: float = 0.0
+
+
+def open_model(name_or_path: str | None = None) -> LoadedModel:
+    t = time.perf_counter()
+    model, tokenizer = load_model(name_or_path)
+    spec = spec_for(model)
+    sha = weights_sha256(model)
+    return LoadedModel(name=name_or_path or "default", model=model, tokenizer=tokenizer, spec=spec,
+                       weights_sha256=sha, load_s=time.perf_counter() - t)
+
+
+def resolve_hparams(lm: LoadedModel, preset: str | None = None, overrides: dict | None = None) -> EditHParams:
+    hp = load_preset(preset) if preset else preset_for(lm.model)
+    return hp.replace(**overrides) if overrides else hp
+
+
+def ensure_stats(lm: LoadedModel, hp: EditHParams, corpus: str | Path | None, *,
+                 progress: bool = True) -> dict[int, torch.Tensor]:
+    """Second moments of the keys for hp.layers: from the cache, or one pass over the corpus.
+
+    With no corpus, text sampled from the model itself (cached) stands in for one.
+    """
+    from knowledger.editors.stats import second_moments
+
+    need = [l for l in hp.layers if l not in lm.stats]
+    if not need:
+        return lm.stats
+    t = time.perf_counter()
+    got = second_moments(lm.model, lm.tokenizer, need, corpus, hp.stats_tokens, dtype=hp.stats_dtype,
+                         weights_sha=lm.weights_sha256, progress=progress)
+    lm.stats.update(got)
+    lm.stats_s += time.perf_counter() - t
+    return lm.stats
+
+
+def make_editor(lm: LoadedModel, method: str, hp: EditHParams, corpus=None, *, progress=True) -> Editor:
+    stats = ensure_stats(lm, hp, corpus, progress=progress)
+    return Editor(lm.model, lm.tokenizer, hp, method=method, second_moments=stats)
+
+
+def apply_result(lm: LoadedModel, result) -> dict[str, str]:
+    return apply_deltas(lm.model, lm.spec, result.deltas)
+
+
+def save_model(lm: LoadedModel, out: Path) -> Path:
+    """Write a Hugging Face folder atomically: into a temp dir beside `out`, then rename."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

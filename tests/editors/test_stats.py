@@ -1,0 +1,212 @@
+"""Key second moments C = E[k kᵀ] and corpora, on tiny random models (plus one real-model timing)."""
+import json
+import logging
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from knowledger.editors import stats
+from knowledger.editors.corpus import Corpus
+from knowledger.editors.model_spec import spec_for
+from knowledger.editors.stats import second_moments
+from tests.tiny import tiny_model, tiny_tokenizer
+
+TEXT = """ = Valley Rivers =
+
+ The river rises in the hills north of the old town and runs south for many miles .
+ It was known to early travellers , who wrote of its clear water and its many fish .
+
+ = = History = =
+
+ In the year 1820 a stone bridge was built ; it still stands , although the road has moved .
+ Mills along the banks made cloth and paper . Most closed before 1900 , and few remain .
+ A short line .
+
+ The valley is now a park . Visitors walk the path from the bridge to the falls , a walk of 2 @-@ 3 hours .
+ Birds nest in the reeds in spring ; in autumn the trees turn red and gold and the river runs high .
+"""
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "valley.txt"
+    path.write_text(TEXT * 3)
+    return Corpus.from_path(path)
+
+
+def _count_forwards(model):
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls, handle
+
+
+def _brute_force(model, tokenizer, corpus, layers, n_tokens, seq_len):
+    """Run each sequence alone through the whole model; hook the projections by hand."""
+    spec = spec_for(model)
+    seen = {i: [] for i in layers}
+    handles = [spec.mlp_out_module(model, i).register_forward_hook(
+        lambda m, args, out, i=i: seen[i].append(args[0][0].double())) for i in layers]
+    try:
+        with torch.no_grad():
+            for seq in corpus.chunks(tokenizer, n_tokens, seq_len):
+                model(torch.tensor([seq]))
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for i in layers:
+        K = torch.cat(seen[i])  # (N, d_in)
+        out[i] = K.T @ K / K.shape[0]
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_matches_brute_force(family, corpus, tmp_path):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    layers = [0, 2]
+    got = second_moments(model, tok, layers, corpus, 700, seq_len=64, batch_size=4, progress=False,
+                         cache_dir=tmp_path / "stats")
+    want = _brute_force(model, tok, corpus, layers, 700, 64)
+    d_in = spec_for(model).mlp_dims(model)[1]
+    for i in layers:
+        assert got[i].shape == (d_in, d_in) and got[i].dtype == torch.float32
+        assert torch.equal(got[i], got[i].T)
+        torch.testing.assert_close(got[i].double(), want[i], rtol=1e-5, atol=1e-6)
+
+
+def test_padding_is_excluded(corpus):
+    """Sequences of different lengths, batched differently, give the same C."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    lengths = {len(c) for c in corpus.chunks(tok, 900, 96)}
+    assert len(lengths) > 2  # the corpus really yields ragged sequences
+    results = [second_moments(model, tok, [1, 3], corpus, 900, seq_len=96, batch_size=bs,
+                              progress=False, cache=False) for bs in (1, 3, 7)]
+    for other in results[1:]:
+        for i in (1, 3):
+            torch.testing.assert_close(other[i], results[0][i], rtol=1e-5, atol=1e-7)
+
+
+def test_float64_and_validation(corpus):
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    c = second_moments(model, tok, [1], corpus, 200, dtype="float64", progress=False, cache=False)[1]
+    assert c.dtype == torch.float64 and torch.equal(c, c.T)
+    assert torch.linalg.eigvalsh(c).min() > -1e-10  # positive semi-definite
+    with pytest.raises(ValueError, match="out of range"):
+        second_moments(model, tok, [9], corpus, 200, progress=False)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        second_moments(model, tok, [1], corpus, 200, dtype=torch.float16, progress=False)
+
+
+def test_cache_hit_and_key_changes(corpus, tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    calls, handle = _count_forwards(model)
+    folder = tmp_path / "stats"
+    kw = dict(progress=False, cache_dir=folder, seq_len=64, batch_size=4)
+    first = second_moments(model, tok, [0, 2], corpus, 500, **kw)
+    assert calls and len(list(folder.glob("*.safetensors"))) == 2
+    calls.clear()
+    again = second_moments(model, tok, [2, 0], corpus, 500, **kw)
+    assert not calls  # served from the cache, the model never ran
+    assert all(torch.equal(first[i], again[i]) for i in (0, 2))
+    partly = second_moments(model, tok, [0, 1], corpus, 500, **kw)  # only layer 1 is new
+    assert calls and torch.equal(partly[0], first[0])
+    calls.clear()
+    second_moments(model, tok, [0], corpus, 400, **kw)  # another token count: recomputed
+    assert calls
+    calls.clear()
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.replace("river", "stream") * 3)
+    second_moments(model, tok, [0], Corpus.from_path(other), 500, **kw)  # another corpus
+    assert calls
+    calls.clear()
+    second_moments(model, tok, [0], corpus, 500, dtype="float64", **kw)  # another dtype
+    assert calls
+    handle.remove()
+
+    # the key inside the file is what counts: a file whose key differs is recomputed
+    key = dict(kind=stats._KIND, version=stats._VERSION, weights_sha256="0" * 64, layer=0,
+               module="model.layers.0.mlp.down_proj", corpus_sha256=corpus.sha256, n_tokens=500,
+               seq_len=64, dtype="float32")
+    path = folder / stats._file_name(key)
+    stats._save(path, dict(key, n_tokens=1), torch.zeros(2, 2), 1)
+    calls, handle = _count_forwards(model)
+    got = second_moments(model, tok, [0], corpus, 500, weights_sha="0" * 64, **kw)
+    assert calls and torch.equal(got[0], first[0])
+    with safe_open(str(path), framework="pt") as f:  # ... and overwritten with the right key
+        assert json.loads(f.metadata()["key"]) == key and f.metadata()["count"] == "500"
+    path.write_bytes(b"not a safetensors file")
+    calls.clear()
+    assert torch.equal(second_moments(model, tok, [0], corpus, 500, weights_sha="0" * 64, **kw)[0],
+                       first[0])
+    assert calls
+    handle.remove()
+
+
+def test_corpus_documents_and_chunks(corpus, tmp_path):
+    docs = list(corpus.documents())
+    assert not any(d.lstrip().startswith("=") for d in docs)  # headings dropped
+    assert "2-3 hours" in docs[2] and "@-@" not in "".join(docs)
+    assert len(docs) == 9 and docs[1].count("\n") == 2  # a block of lines is one document
+    tok = tiny_tokenizer()
+    chunks = corpus.chunks(tok, 333, seq_len=50)
+    assert sum(map(len, chunks)) == 333 and max(map(len, chunks)) <= 50
+    assert all(len(c) >= 8 for c in chunks[:-1])
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "first doc"}\n\n{"text": ""}\n{"text": "second", "id": 2}\n')
+    c = Corpus.from_path(jsonl)
+    assert c.format == "jsonl" and list(c.documents()) == ["first doc", "second"]
+    assert len(c.sha256) == 64 and c.sha256 != corpus.sha256
+    with pytest.raises(FileNotFoundError):
+        Corpus.from_path(tmp_path / "missing.txt")
+
+
+def test_sampled_corpus_is_deterministic_and_cached(tmp_path):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    kw = dict(batch_size=4, max_new_tokens=8, progress=False)
+    a = Corpus.sampled(model, tok, 60, seed=3, cache_dir=tmp_path / "a", **kw)
+    b = Corpus.sampled(model, tok, 60, seed=3, cache_dir=tmp_path / "b", **kw)
+    assert a.path.read_text() == b.path.read_text() and a.sha256 == b.sha256
+    calls, handle = _count_forwards(model)
+    again = Corpus.sampled(model, tok, 60, seed=3, cache_dir=tmp_path / "a", **kw)
+    handle.remove()
+    assert not calls and again == a
+    c = Corpus.sampled(model, tok, 60, seed=4, cache_dir=tmp_path / "a", **kw)
+    assert c.sha256 != a.sha256 and c.path.name.endswith("-60-4.txt")
+    # the global RNG is left as it was
+    torch.manual_seed(0)
+    x = torch.rand(3)
+    torch.manual_seed(0)
+    Corpus.sampled(model, tok, 60, seed=5, cache_dir=tmp_path / "a", **kw)
+    assert torch.equal(torch.rand(3), x)
+
+
+def test_no_corpus_samples_one(tmp_path):
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    c = second_moments(model, tok, [0], None, 100, progress=False)[0]
+    assert torch.isfinite(c).all()
+    assert list((tmp_path / "cache" / "corpora").glob("*-100-0.txt"))
+
+
+@pytest.mark.model
+def test_real_model_layers_3_to_8_timing(shared_data, tmp_path_factory, monkeypatch, caplog):
+    path = shared_data / "corpus" / "wiki.test.raw"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    from knowledger.editors.models import load_model
+
+    monkeypatch.setenv("KNOWLEDGER_CACHE", str(tmp_path_factory.getbasetemp() / "knowledger-real"))
+    model, tok = load_model()
+    caplog.set_level(logging.INFO, logger="knowledger.editors.stats")
+    start = time.perf_counter()
+    c = second_moments(model, tok, range(3, 9), path, 100_000, progress=False)
+    seconds = time.perf_counter() - start
+    assert sorted(c) == [3, 4, 5, 6, 7, 8] and c[3].shape == (1536, 1536)
+    assert all(torch.isfinite(m).all() for m in c.values())
+    print(f"\nC for layers 3-8 from 100,000 tokens: {seconds:.1f} s "
+          f"({100_000 / seconds:.0f} tokens/s, weights hash included)")
+    start = time.perf_counter()
+    cached = second_moments(model, tok, range(3, 9), path, 100_000, progress=False)
+    print(f"cached reload: {time.perf_counter() - start:.2f} s")
+    assert all(torch.equal(c[i], cached[i]) for i in c)
