@@ -122,3 +122,32 @@ def markdown_table(runs: list[dict]) -> str:
                   f"{t.get('solve_s', 0):.1f}", f"{r.get('peak_rss_mb', 0):.0f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> Path:
+    """Grouped bars: the six quality metrics per run; seconds per fact on a second panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['editor'].split()[0]}\nb={r['batch_size'] or '-'}" for r in runs]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(8, len(runs) * 0.9), 7),
+                                  gridspec_kw={"height_ratios": [3, 1]})
+    width = 0.8 / len(METRICS)
+    for j, k in enumerate(METRICS):
+        xs = [i + (j - len(METRICS) / 2) * width + width / 2 for i in range(len(runs))]
+        ax.bar(xs, [r["metrics"].get(k, math.nan) for r in runs], width, label=k)
+    ax.set_xticks(range(len(runs)), labels)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction")
+    ax.legend(ncol=3, fontsize=8, loc="lower right")
+    ax.set_title(f"{runs[0].get('dataset', '')}: {runs[0]['n']} facts, metrics after all edits")
+    ax2.bar(range(len(runs)), [r["timing"].get("per_fact_s", 0) for r in runs], color="grey")
+    ax2.set_xticks(range(len(runs)), labels)
+    ax2.set_ylabel("s / fact")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -68,7 +68,8 @@ def ensure_stats(lm: LoadedModel, hp: EditHParams, corpus: str | Path | None, *,
 
 def make_editor(lm: LoadedModel, method: str, hp: EditHParams, corpus=None, *, progress=True) -> Editor:
     stats = ensure_stats(lm, hp, corpus, progress=progress)
-    return Editor(lm.model, lm.tokenizer, hp, method=method, second_moments=stats)
+    return Editor(lm.model, lm.tokenizer, hp, method=method, second_moments=stats,
+                  weights_sha=lm.weights_sha256)
 
 
 def apply_result(lm: LoadedModel, result) -> dict[str, str]:
@@ -92,3 +93,44 @@ def save_model(lm: LoadedModel, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def requests_from_facts(facts) -> list:
+    """ledger.facts.Fact objects -> editor requests."""
+    from knowledger.editors.requests import EditRequest
+
+    return [EditRequest(prompt=f.prompt, subject=f.subject, target_new=f.target_new,
+                        target_true=f.target_true, paraphrases=tuple(f.paraphrases),
+                        neighborhood=tuple((p, a) for p, a in f.neighborhood)) for f in facts]
+
+
+def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams, corpus=None,
+                progress: bool = True, top_k: int = 3) -> dict:
+    """Edit the loaded model in place (no ledger) and report before/after top tokens per prompt.
+
+    ROME edits one fact at a time, so several facts are applied one after another.
+    """
+    from knowledger.editors.evaluate import fact_metrics, top_tokens
+
+    def probe():
+        return [{p: top_tokens(lm.model, lm.tokenizer, p, top_k) for p in (r.text, *r.paraphrases,
+                                                                           *(q for q, _ in r.neighborhood))}
+                for r in requests]
+
+    editor = make_editor(lm, method, hp, corpus, progress=progress)
+    before = probe()
+    groups = [[r] for r in requests] if method == "rome" else [requests]
+    timings: dict[str, float] = {}
+    value_stats = []
+    for group in groups:
+        res = editor.compute(group)
+        apply_result(lm, res)
+        value_stats += res.value_stats
+        for k, v in res.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    after = probe()
+    metrics = fact_metrics(lm.model, lm.tokenizer, requests)
+    return {"editor": method, "layers": list(editor.layers), "stats_s": lm.stats_s, "timings": timings,
+            "facts": [{"prompt": r.text, "target_new": r.target_new, "target_true": r.target_true,
+                       "before": b, "after": a, "metrics": m, "v_star": s}
+                      for r, b, a, m, s in zip(requests, before, after, metrics, value_stats)]}

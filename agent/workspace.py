@@ -182,7 +182,10 @@ def normalise_model(name_or_path: str | None) -> str:
 def _fingerprint(name_or_path: str) -> dict:
     from knowledger.editors.models import model_fingerprint  # torch: imported only here
 
-    return model_fingerprint(name_or_path)
+    try:
+        return model_fingerprint(name_or_path)
+    except OSError as e:  # a missing model or file: the loaders' messages say which
+        raise KnowledgerError(str(e)) from e
 
 
 def init_workspace(db: str | os.PathLike | None = None, model: str | None = None, *,

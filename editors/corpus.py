@@ -66,7 +66,8 @@ class Corpus:
                     try:
                         text = json.loads(line).get("text", "")
                     except (json.JSONDecodeError, AttributeError) as e:
-                        raise ValueError(f"{self.path}:{i}: not a JSON object with a 'text' field") from e
+                        raise ValueError(
+                            f"{self.path}:{i}: not a JSON object with a 'text' field") from e
                     if isinstance(text, str) and text.strip():
                         yield text.strip()
                 return
@@ -184,7 +185,8 @@ def _sample_documents(model, tokenizer, n_tokens: int, seed: int, batch_size: in
                 ids[row, width - len(e):] = torch.tensor(e)
                 mask[row, width - len(e):] = 1
             limit = getattr(model.config, "max_position_embeddings", None) or width + max_new_tokens
-            config.max_new_tokens = max(1, min(max_new_tokens, limit - width))
+            needed = -(-(n_tokens - total) // batch_size)  # per sequence, rounded up
+            config.max_new_tokens = max(1, min(max_new_tokens, limit - width, max(needed, 8)))
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config)
             for prompt, seq, row in zip(prompts, encoded, out[:, width:].tolist()):

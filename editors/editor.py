@@ -38,7 +38,7 @@ class Editor:
     factorisations (built once per layer) and the context prefixes (generated once)."""
 
     def __init__(self, model, tokenizer, hparams: EditHParams, *, method: str = "memit",
-                 second_moments: dict[int, torch.Tensor] | None = None):
+                 second_moments: dict[int, torch.Tensor] | None = None, weights_sha: str | None = None):
         if method not in METHODS:
             raise ValueError(f"unknown editor {method!r} (choose from {', '.join(METHODS)})")
         self.model, self.tokenizer, self.hp, self.method = model, tokenizer, hparams, method
@@ -55,11 +55,13 @@ class Editor:
             raise ValueError(f"no key statistics for layer(s) {missing}")
         self._solvers: dict[int, CovSolver] = {}
         self._contexts: list[str] | None = None
+        self._weights_sha = weights_sha  # lets the context prefixes be cached on disk
 
     @property
     def contexts(self) -> list[str]:
         if self._contexts is None:
-            self._contexts = context_prefixes(self.model, self.tokenizer, self.hp)
+            self._contexts = context_prefixes(self.model, self.tokenizer, self.hp,
+                                              weights_sha=self._weights_sha)
         return self._contexts
 
     def solver(self, layer: int) -> CovSolver:
@@ -101,7 +103,7 @@ class Editor:
 
                 t = time.perf_counter()
                 R = (z - cur).T.double() * self.distribution.share(i, len(self.layers))  # (d, n)
-                W = self.spec.to_math(self.spec.edited_weight(self.model, layer)).double()  # (d, d_in)
+                W = self.spec.to_math(self.spec.edited_weight(self.model, layer)).detach().double()  # (d, d_in)
                 if self.method == "memit":
                     left, right, diag = memit_delta(K, R, self.solver(layer), W=W)
                 else:

@@ -91,6 +91,11 @@ def resolve_model(name_or_path: str | None) -> Path:
         return path
     if path.is_file() and path.suffix == ".gguf":
         return _gguf_folder(path, path.name.split(".")[0])
+    if name_or_path.startswith((".", "/", "~")) or "\\" in name_or_path or path.suffix == ".gguf":
+        raise ModelNotFound(
+            f"model {name_or_path} not found locally (knowledger never downloads at run time): "
+            f"no model folder or .gguf file at {path}"
+        )
     return _hub_snapshot(name_or_path)
 
 
@@ -99,11 +104,12 @@ def _hub_snapshot(name: str) -> Path:
 
     try:
         folder = Path(snapshot_download(name, local_files_only=True))
-    except Exception as e:  # not cached, invalid id, offline mode: all mean "not here"
-        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+    except Exception as e:  # not cached, an invalid id, offline mode: all mean "not here"
+        reason = "" if type(e).__name__ == "LocalEntryNotFoundError" else f" ({e})".splitlines()[0]
         raise ModelNotFound(
             f"model {name} not found locally (knowledger never downloads at run time); pass a local "
-            f"folder, or fetch it once yourself (e.g. `huggingface-cli download {name}`). ({reason})"
+            f"folder or .gguf file, or fetch it once yourself (`huggingface-cli download {name}`)"
+            f"{reason}"
         ) from None
     if not (folder / "config.json").is_file():
         raise ModelNotFound(

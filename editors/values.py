@@ -16,6 +16,8 @@ Speed (see ../shared/REFERENCE.md, "where its time goes"):
 """
 from __future__ import annotations
 
+import json
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -34,10 +36,32 @@ KL_TEMPLATE = "{} is a"
 CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When")
 
 
-def context_prefixes(model, tokenizer, hp: EditHParams) -> list[str]:
-    """"" plus `n_context` short model-generated prefixes ("<text>. "), reproducible by seed."""
+def context_prefixes(model, tokenizer, hp: EditHParams, *, weights_sha: str | None = None) -> list[str]:
+    """"" plus `n_context` short model-generated prefixes ("<text>. "), reproducible by seed.
+
+    With `weights_sha`, the prefixes are cached on disk under $KNOWLEDGER_CACHE/contexts, keyed by
+    (weights, n_context, context_tokens, seed): generation costs seconds on a CPU.
+    """
     if hp.n_context == 0:
         return [""]
+    path = None
+    if weights_sha:
+        from .models import cache_root
+
+        key = f"{weights_sha[:16]}-{hp.n_context}-{hp.context_tokens}-{hp.context_seed}"
+        path = cache_root() / "contexts" / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    contexts = _generate_prefixes(model, tokenizer, hp)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(contexts), encoding="utf-8")
+        os.replace(tmp, path)
+    return contexts
+
+
+def _generate_prefixes(model, tokenizer, hp: EditHParams) -> list[str]:
     seeds = [CONTEXT_SEEDS[i % len(CONTEXT_SEEDS)] for i in range(hp.n_context)]
     saved_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right end
@@ -178,9 +202,9 @@ def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditReques
         upd = (~done).nonzero().flatten()
         if upd.numel() == 0:
             break
-        loss[upd].sum().backward()
+        (grad,) = torch.autograd.grad(loss[upd].sum(), dvar)  # only δ: weights get no .grad
         with torch.no_grad():
-            _adam_step(delta, dvar.grad, m, v, t, upd, hp.v_lr)
+            _adam_step(delta, grad, m, v, t, upd, hp.v_lr)
             steps[upd] += 1
             norms = delta.norm(dim=-1)  # (n, k)
             scale = torch.clamp(max_norm[:, None] / norms.clamp(min=1e-12), max=1.0)

@@ -29,9 +29,14 @@ def tiny_config(family: str, n_layers: int = 4, d: int = 32):
                intermediate_size=3 * d, max_position_embeddings=128, tie_word_embeddings=True, **common)
 
 
-def tiny_model(family: str = "llama", seed: int = 0, **kw):
+def tiny_model(family: str = "llama", seed: int = 0, init_range: float | None = None, **kw):
+    """init_range: weight init std; the default 0.02 gives near-uniform next-token distributions
+    that no edit can make confident, so behavioural tests use a larger one (e.g. 0.3)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw))
+    config = tiny_config(family, **kw)
+    if init_range is not None:
+        config.initializer_range = init_range
+    model = AutoModelForCausalLM.from_config(config)
     return model.eval()
 
 

@@ -1,0 +1,97 @@
+"""`knowledger bench`: CounterFact / zsRE benchmarks as programs with outputs (JSON + Markdown)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .common import echo_json, main_errors
+from .edit import EDITORS, hparam_options, parse_sets
+from .main import cli
+
+
+@cli.group()
+def bench():
+    """Benchmarks: edit facts from a dataset and measure quality, speed and memory.
+
+    Example: knowledger bench counterfact --data ../shared/data/counterfact/counterfact-val.json --n 100 --batch-size 10 --editor emmet --out results.json
+    """
+
+
+def _bench_command(dataset: str):
+    @bench.command(name=dataset, help=(
+        f"Edit --n facts of a {dataset} file in batches (lifelong protocol) and measure.\n\n"
+        f"Example: knowledger bench {dataset} --data FILE --n 100 --batch-size 10 --editor memit "
+        f"--out results.json"))
+    @hparam_options
+    @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+                  help="Dataset file (CounterFact EasyEdit/ROME layout, zsRE MEND layout, or ours).")
+    @click.option("--n", "n", type=click.IntRange(1), default=100, show_default=True, help="Facts to edit.")
+    @click.option("--offset", type=click.IntRange(0), default=0, help="Skip this many valid facts first.")
+    @click.option("--batch-size", type=click.IntRange(1), default=10, show_default=True)
+    @click.option("--editor", type=click.Choice(EDITORS + ("none",)), default="emmet", show_default=True,
+                  help="'none' measures the unedited model (the baseline row).")
+    @click.option("--out", type=click.Path(dir_okay=False), help="Write the run's JSON here.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the JSON instead of the table.")
+    @main_errors
+    def command(model_name, corpus, stats_tokens, preset, sets, data, n, offset, batch_size, editor,
+                out, as_json):
+        from knowledger.agent import bench as B
+        from knowledger.agent.editing import open_model, resolve_hparams
+
+        requests, skipped = B.load_requests(Path(data), n, offset)
+        if not requests:
+            raise click.ClickException(f"{data}: no valid facts")
+        overrides = parse_sets(sets)
+        if stats_tokens:
+            overrides["stats_tokens"] = stats_tokens
+        lm = open_model(model_name)
+        hp = resolve_hparams(lm, preset, overrides)
+        if editor == "none":
+            record = B.baseline(lm, requests)
+        else:
+            if editor == "rome" and batch_size != 1:
+                raise click.BadParameter("ROME edits one fact at a time: use --batch-size 1",
+                                         param_hint="--batch-size")
+            record = B.run(lm, requests, editor=editor, batch_size=batch_size, hp=hp, corpus=corpus,
+                           progress=not as_json)
+        record.update(dataset=dataset, data=str(data), offset=offset, skipped_invalid=skipped,
+                      model=lm.name, weights_sha256=lm.weights_sha256, corpus=corpus,
+                      command="knowledger " + " ".join(sys.argv[1:]) if sys.argv else None)
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if as_json:
+            echo_json(record)
+        else:
+            click.echo(B.markdown_table([record]))
+
+    return command
+
+
+counterfact = _bench_command("counterfact")
+zsre = _bench_command("zsre")
+
+
+@bench.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--md", type=click.Path(dir_okay=False), help="Write the Markdown table here.")
+@click.option("--png", type=click.Path(dir_okay=False), help="Write a bar chart of the metrics here.")
+@main_errors
+def table(results, md, png):
+    """Combine benchmark JSON files into one Markdown table (and a PNG chart).
+
+    Example: knowledger bench table bench/results/*.json --md bench/results/table.md --png bench/results/metrics.png
+    """
+    from knowledger.agent import bench as B
+
+    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in results]
+    runs.sort(key=lambda r: (r["editor"] != "none (unedited)", r["editor"], r["batch_size"]))
+    text = B.markdown_table(runs)
+    if md:
+        Path(md).write_text(text + "\n", encoding="utf-8")
+    if png:
+        B.plot(runs, Path(png))
+    click.echo(text)

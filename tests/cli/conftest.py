@@ -1,0 +1,9 @@
+import pytest
+
+from tests.ledger.helpers import make_workspace
+
+
+@pytest.fixture
+def ws_dir(tmp_path):
+    """An initialised workspace directory (base model recorded from a fixed fingerprint)."""
+    return make_workspace(tmp_path / "ws")
