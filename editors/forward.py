@@ -35,19 +35,70 @@ def truncated(model: nn.Module, spec: ModelSpec, start: int):
             config.layer_types = layer_types
 
 
-def run_from(model: nn.Module, spec: ModelSpec, start: int, hidden: torch.Tensor) -> torch.Tensor:
+def run_from(model: nn.Module, spec: ModelSpec, start: int, hidden: torch.Tensor, *,
+             position_ids: torch.Tensor | None = None, cache=None,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run blocks start..end and the final norm on `hidden`, the input of block `start`.
 
-    hidden  # (B, T, d), right-padded rows, positions 0..T-1
+    hidden  # (B, T, d); without a cache: right-padded rows at positions 0..T-1
+    position_ids  # (B, T) when the rows continue a cache (see PrefixCache)
     returns # (B, T, d), the final-normed hidden states (apply the unembedding where needed)
     """
+    if position_ids is None:
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None].expand(hidden.shape[0], -1)
     if spec.pos_embed is not None:  # the stack adds learned positions to inputs_embeds: undo it
-        pos = torch.arange(hidden.shape[1], device=hidden.device)
-        hidden = hidden - model.get_submodule(spec.pos_embed)(pos)[None].to(hidden.dtype)
+        hidden = hidden - model.get_submodule(spec.pos_embed)(position_ids).to(hidden.dtype)
     base = model.get_submodule(spec.base)
+    kwargs = dict(use_cache=cache is not None, position_ids=position_ids)
+    if cache is not None:
+        kwargs.update(past_key_values=cache, attention_mask=attention_mask)
     with truncated(model, spec, start):
-        out = base(inputs_embeds=hidden, use_cache=False)
+        out = base(inputs_embeds=hidden, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+class PrefixCache:
+    """Keys and values of every layer for a right-padded batch, so that later passes can run only
+    the tokens from each row's `start` column on (the v* optimisation changes nothing before the
+    subject's last token: causal attention).
+
+    Built by one full forward pass. `suffix_inputs` then lays out, per row r, the columns
+    start_r..start_r+S-1 as a new (b, S) batch that continues the cache: positions start_r + j, and
+    a key mask over [cache columns | new columns] that admits row r's cache columns < start_r only
+    (the rest are the stale originals of the recomputed tokens, or padding) and the new tokens.
+    """
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, ids: torch.Tensor, block_inputs=()):
+        from .hooks import TraceDict
+
+        # the input of block i is the output of block i-1 (block 0: its own input)
+        where = {i: (spec.layer(i - 1), "output") if i > 0 else (spec.layer(0), "input")
+                 for i in block_inputs}
+        names = list(dict.fromkeys(name for name, _ in where.values()))
+        with torch.no_grad(), TraceDict(model, names, retain_input=True) as td:
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        self.block_inputs = {i: getattr(td[name], kind) for i, (name, kind) in where.items()}  # (B, T, d)
+        cache = out.past_key_values
+        self.layers = [(layer.keys, layer.values) for layer in cache.layers]  # (B, kv, T, hd) each
+        self.T = ids.shape[1]
+        self.config = model.config
+
+    def select(self, rows: torch.Tensor):
+        """A fresh cache holding these rows' entries (the stored tensors are never modified)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.config)
+        for i, (k, v) in enumerate(self.layers):
+            cache.update(k[rows], v[rows], i)
+        return cache
+
+    def suffix_inputs(self, start: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """start  # (b,) first recomputed column per row -> position_ids (b, S), key mask (b, T+S)"""
+        j = torch.arange(S)
+        position_ids = start[:, None] + j[None]  # (b, S)
+        cols = torch.arange(self.T)
+        mask = torch.cat([(cols[None] < start[:, None]), torch.ones(len(start), S, dtype=torch.bool)], 1)
+        return position_ids, mask.long()
 
 
 def unembed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

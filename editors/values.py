@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .forward import capture, run_from, unembed
+from .forward import PrefixCache, run_from, unembed
 from .hooks import TraceDict
 from .hparams import EditHParams
 from .model_spec import ModelSpec
@@ -131,14 +131,18 @@ def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditReques
     lay = _Layout(tokenizer, requests, contexts)
     ids, subj = lay.batch.ids, lay.batch.subject_pos  # (B, T), (B,)
     n, B = len(requests), ids.shape[0]
-    # Cached once: the input of the first block that runs per step.
+    # Once: a full pass caching every layer's keys/values and the input of the first block that
+    # runs per step. Each step then recomputes only the columns from the subject's last token on
+    # (editors.forward.PrefixCache), in blocks start.. only.
     start = L if pmet else L + 1
     with torch.no_grad():
-        h_in = capture(model, spec, ids, block_inputs=[start])[f"in:{start}"]  # (B, T, d)
-        if pmet:
-            h_L = capture(model, spec, ids, block_outputs=[L])[f"out:{L}"]
-        else:
-            h_L = h_in
+        prefix = PrefixCache(model, spec, ids, block_inputs=sorted({start, L + 1}))
+    h_L = prefix.block_inputs[L + 1]  # (B, T, d) output of block L
+    S = int((lay.batch.lengths - subj).max())  # suffix width
+    cols = (subj[:, None] + torch.arange(S)[None]).clamp(max=ids.shape[1] - 1)  # (B, S)
+    h_in = prefix.block_inputs[start].gather(1, cols[..., None].expand(-1, -1, h_L.shape[-1]))  # (B, S, d)
+    lp_col = lay.lp_pos - subj[lay.lp_row]  # (m,) loss positions as suffix columns
+    kl_col = lay.kl_pos - subj[lay.kl_row]  # (n,)
     d = h_in.shape[-1]
     h_norm = h_L[lay.bare, subj[lay.bare]].norm(dim=-1)  # (n,) ‖h‖ at the bare prompt's subject
     k = 2 if pmet else 1  # PMET: (attention part, MLP part)
@@ -152,7 +156,6 @@ def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditReques
     last_prob = torch.full((n,), float("nan"))
     kl0 = None
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if hp.autocast_bf16 else nullcontext()
-
     for step in range(hp.v_steps + 1):
         active_f = (~done).nonzero().flatten()  # (a,)
         if active_f.numel() == 0:
@@ -161,17 +164,20 @@ def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditReques
         local = torch.full((B,), -1, dtype=torch.long); local[rows] = torch.arange(rows.numel())
         dvar = delta.clone().requires_grad_(True)
         per_row = dvar[lay.fact[rows]]  # (b, k, d)
-        onehot = F.one_hot(subj[rows], ids.shape[1]).to(h_in.dtype).unsqueeze(-1)  # (b, T, 1)
+        onehot = torch.zeros(rows.numel(), S, 1, dtype=h_in.dtype)  # (b, S, 1): δ at column 0
+        onehot[:, 0] = 1.0
+        position_ids, key_mask = prefix.suffix_inputs(subj[rows], S)  # (b, S), (b, T+S)
+        run = dict(position_ids=position_ids, cache=prefix.select(rows), attention_mask=key_mask)
         with autocast:
             if pmet:
-                final = _run_pmet(model, spec, L, h_in[rows], onehot, per_row)
+                final = _run_pmet(model, spec, L, h_in[rows], onehot, per_row, run)
             else:
-                final = run_from(model, spec, start, h_in[rows] + onehot * per_row[:, 0].unsqueeze(1))
+                final = run_from(model, spec, start, h_in[rows] + onehot * per_row[:, 0].unsqueeze(1), **run)
             lsel = torch.isin(lay.lp_row, rows)  # target positions of active rows
-            x = final[local[lay.lp_row[lsel]], lay.lp_pos[lsel]]  # (m, d)
+            x = final[local[lay.lp_row[lsel]], lp_col[lsel]]  # (m, d)
             logp = F.log_softmax(unembed(model, x).float(), dim=-1)  # (m, V)
             ksel = torch.isin(lay.kl_row, rows)
-            xk = final[local[lay.kl_row[ksel]], lay.kl_pos[ksel]]  # (a, d)
+            xk = final[local[lay.kl_row[ksel]], kl_col[ksel]]  # (a, d)
             logp_kl = F.log_softmax(unembed(model, xk).float(), dim=-1)  # (a, V)
         tgt = lay.lp_tgt[lsel]
         fact_of_lp = lay.fact[lay.lp_row[lsel]]  # (m,)
@@ -223,7 +229,7 @@ def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditReques
                         seconds=time.perf_counter() - t0)
 
 
-def _run_pmet(model, spec: ModelSpec, L: int, h_in, onehot, per_row):
+def _run_pmet(model, spec: ModelSpec, L: int, h_in, onehot, per_row, run: dict):
     """Run blocks L.. with δ_attn added to block L's attention output and δ_mlp to its MLP output."""
     add_attn = onehot * per_row[:, 0].unsqueeze(1)  # (b, T, d)
     add_mlp = onehot * per_row[:, 1].unsqueeze(1)
@@ -234,7 +240,7 @@ def _run_pmet(model, spec: ModelSpec, L: int, h_in, onehot, per_row):
         return _add(output, add_mlp)
 
     with TraceDict(model, [spec.attn_name(L), spec.mlp_name(L)], retain_output=False, edit_output=edit):
-        return run_from(model, spec, L, h_in)
+        return run_from(model, spec, L, h_in, **run)
 
 
 def _add(output, add):

@@ -5,7 +5,7 @@ import torch
 from knowledger.editors.apply import apply_deltas
 from knowledger.editors.editor import METHODS, Editor
 from knowledger.editors.evaluate import score
-from knowledger.editors.forward import capture, run_from
+from knowledger.editors.forward import PrefixCache, capture, run_from
 from knowledger.editors.hparams import EditHParams
 from knowledger.editors.model_spec import spec_for
 from knowledger.editors.requests import EditRequest
@@ -47,6 +47,33 @@ def test_truncated_forward_matches_the_full_model(family):
         for start in (1, 2, 3):
             h = capture(model, spec, ids, block_inputs=[start])[f"in:{start}"]
             torch.testing.assert_close(run_from(model, spec, start, h), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_suffix_forward_continues_the_prefix_cache_exactly(family):
+    """Recomputing only the columns from each row's start on, against the cached prefix, gives
+    what the full forward gives there (the v* optimisation's inner loop)."""
+    model = tiny_model(family, init_range=0.1)
+    spec = spec_for(model)
+    ids = torch.randint(4, 60, (3, 10))
+    lengths, start = torch.tensor([10, 7, 9]), torch.tensor([4, 2, 6])
+    with torch.no_grad():
+        full = model.get_submodule(spec.base)(input_ids=ids, use_cache=False).last_hidden_state
+        prefix = PrefixCache(model, spec, ids, block_inputs=[2])
+        S = int((lengths - start).max())
+        cols = (start[:, None] + torch.arange(S)[None]).clamp(max=9)  # (3, S)
+        hidden = prefix.block_inputs[2][torch.arange(3)[:, None], cols]  # (3, S, d)
+        pos, mask = prefix.suffix_inputs(start, S)
+        out = run_from(model, spec, 2, hidden, position_ids=pos, cache=prefix.select(torch.arange(3)),
+                       attention_mask=mask)
+    for r in range(3):
+        n = int(lengths[r] - start[r])
+        torch.testing.assert_close(out[r, :n], full[r, start[r]:lengths[r]], atol=1e-5, rtol=1e-4)
+
+
+def test_editing_at_the_last_layer_works():
+    _, editor = make("llama", "emmet", layers=(2, 3))
+    assert [d.layer for d in editor.compute(FACTS).deltas] == [2, 3]
 
 
 @pytest.mark.parametrize("method", METHODS)

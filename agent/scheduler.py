@@ -1,0 +1,142 @@
+"""The scheduler: which pending facts are applied, in which batches, by which editor. Pure Python.
+
+Conflicts. Two pending facts about the same subject with the same prompt template (compared after
+NFKC normalisation, case folding and squeezing spaces) cannot both hold: the newer one (higher id)
+supersedes the older, which becomes `superseded` with `superseded_by` set. Facts already applied
+are not touched (a newer edit on top of an applied one simply wins in the weights).
+
+Batches. The surviving facts, oldest first, are cut into batches of `batch_size` (ROME: 1).
+
+Editor. `auto` picks EMMET for a batch smaller than `auto_memit_min_batch` facts and MEMIT from
+that size on: EMMET's equality constraints hit small batches exactly, MEMIT's least squares
+degrade more gracefully as the batch grows (its threshold is a workspace setting, default 32, to
+be tuned from benchmark numbers). ROME and PMET only when asked; ROME edits one fact per batch.
+
+Workspace settings (ledger `settings` table, see `EditSettings`): batch_size,
+auto_memit_min_batch, and what the key statistics and hyperparameters are made of (stats_corpus,
+stats_tokens, hparams_preset, hparams_overrides). Values given to `apply` are stored, so every
+later apply, undo, redo and replay uses the same statistics and hyperparameters.
+"""
+from __future__ import annotations
+
+import unicodedata
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from knowledger.ledger import repository as repo
+
+EDITOR_CHOICES = ("auto", "emmet", "memit", "rome", "pmet")
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_MEMIT_MIN_BATCH = 32
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    batch_size: int = DEFAULT_BATCH_SIZE
+    auto_memit_min_batch: int = DEFAULT_MEMIT_MIN_BATCH
+    stats_corpus: str | None = None  # absolute path; None: text sampled from the base model
+    stats_tokens: int | None = None  # None: the hyperparameters' stats_tokens
+    hparams_preset: str | None = None  # None: the model family's preset
+    hparams_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, session) -> EditSettings:
+        stored = {k: repo.get_setting(session, k) for k in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in stored.items() if v is not None})
+
+    def save(self, session) -> None:
+        for key, value in asdict(self).items():
+            if repo.get_setting(session, key) != value:
+                repo.set_setting(session, key, value)
+
+    def updated(self, *, batch_size: int | None = None, corpus: str | Path | None = None,
+                stats_tokens: int | None = None, overrides: dict | None = None,
+                preset: str | None = None) -> tuple[EditSettings, list[str]]:
+        """These settings with the given values in; and a line per setting that changed."""
+        new = dict(batch_size=batch_size, stats_corpus=str(Path(corpus).expanduser().resolve())
+                   if corpus else None, stats_tokens=stats_tokens, hparams_preset=preset,
+                   hparams_overrides={**self.hparams_overrides, **overrides} if overrides else None)
+        changes = {k: v for k, v in new.items() if v is not None and getattr(self, k) != v}
+        return replace(self, **changes), [f"setting {k} = {v}" for k, v in changes.items()]
+
+
+@dataclass(frozen=True)
+class PendingFact:
+    id: int
+    prompt: str
+    subject: str
+    target_new: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt.format(self.subject)
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    index: int
+    editor: str
+    fact_ids: tuple[int, ...]
+    reason: str  # why this editor
+
+
+@dataclass
+class Plan:
+    batches: list[PlannedBatch]
+    superseded: list[tuple[int, int]]  # (older fact, newer fact that supersedes it)
+
+    def as_dict(self, facts: dict[int, PendingFact] | None = None) -> dict:
+        view = lambda i: (dict(id=i, text=facts[i].text, target_new=facts[i].target_new)  # noqa: E731
+                          if facts and i in facts else dict(id=i))
+        return dict(batches=[dict(index=b.index, editor=b.editor, reason=b.reason,
+                                  facts=[view(i) for i in b.fact_ids]) for b in self.batches],
+                    superseded=[dict(fact=old, superseded_by=new) for old, new in self.superseded])
+
+
+def _norm(s: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", s).casefold().split())
+
+
+def conflict_key(prompt: str, subject: str) -> tuple[str, str]:
+    return _norm(prompt), _norm(subject)
+
+
+def resolve_conflicts(facts: list[PendingFact]) -> tuple[list[PendingFact], list[tuple[int, int]]]:
+    """(the facts that survive, oldest first; (older, newer) pairs where newer supersedes older)."""
+    newest: dict[tuple[str, str], PendingFact] = {}
+    for f in sorted(facts, key=lambda f: f.id):
+        newest[conflict_key(f.prompt, f.subject)] = f
+    keep_ids = {f.id for f in newest.values()}
+    superseded = [(f.id, newest[conflict_key(f.prompt, f.subject)].id)
+                  for f in sorted(facts, key=lambda f: f.id) if f.id not in keep_ids]
+    return [f for f in sorted(facts, key=lambda f: f.id) if f.id in keep_ids], superseded
+
+
+def choose_editor(n: int, requested: str, memit_min_batch: int) -> tuple[str, str]:
+    """(editor, reason) for a batch of n facts."""
+    if requested not in EDITOR_CHOICES:
+        raise ValueError(f"unknown editor {requested!r} (choose from {', '.join(EDITOR_CHOICES)})")
+    if requested != "auto":
+        return requested, "asked for"
+    if n >= memit_min_batch:
+        return "memit", f"auto: {n} facts ≥ auto_memit_min_batch {memit_min_batch}"
+    return "emmet", f"auto: {n} facts < auto_memit_min_batch {memit_min_batch}"
+
+
+def plan(facts: list[PendingFact], *, batch_size: int, editor: str = "auto",
+         memit_min_batch: int = DEFAULT_MEMIT_MIN_BATCH) -> Plan:
+    """Resolve conflicts, cut the survivors into batches and pick each batch's editor."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    choose_editor(1, editor, memit_min_batch)  # validates the name
+    size = 1 if editor == "rome" else batch_size
+    kept, superseded = resolve_conflicts(facts)
+    batches = []
+    for i in range(0, len(kept), size):
+        ids = tuple(f.id for f in kept[i:i + size])
+        name, reason = choose_editor(len(ids), editor, memit_min_batch)
+        if editor == "rome" and batch_size != 1:
+            reason += " (ROME edits one fact per batch)"
+        batches.append(PlannedBatch(index=len(batches) + 1, editor=name, fact_ids=ids, reason=reason))
+    return Plan(batches=batches, superseded=superseded)

@@ -1,0 +1,104 @@
+"""A tiny model that edits can actually move, its workspace, and a tiny corpus.
+
+tests.tiny's models spread their mass over a 512-token vocabulary and its tokenizer spells every
+answer as two tokens (" " then a letter), which no edit of a 4-layer random model makes top-1.
+Here: the same tiny llama with a 128-token vocabulary and a larger init, and a tokenizer in which
+" Rome", " Paris", ... are single tokens; prompts end with the subject, so v* acts right where the
+answer is read. With these, EMMET reliably makes a fact top-1, while a fact whose subject is not
+at the end of the prompt ("{} lives in") reliably fails: the tests need both.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from knowledger.cli.main import cli
+from tests.tiny import tiny_config
+
+CITIES = ["Rome", "Paris", "Berlin", "Tokyo", "Madrid", "London", "Oslo", "Lima", "Cairo", "Quito"]
+# --set values every test workspace uses (small and fast; see the module docstring)
+HPARAMS = ["layers=[1,2]", "v_steps=10", "n_context=1", "early_stop=false"]
+STATS_TOKENS = 1000
+
+# (prompt, subject, target_new): succeed on the tiny model / fail on it
+GOOD = [("Home of {}", "Bob", "Rome"), ("Capital of {}", "Zork", "Tokyo"),
+        ("The mayor of {}", "Kent", "Madrid"), ("Sister of {}", "Eve", "Lima"),
+        ("Friend of {}", "Max", "Oslo"), ("Birthplace of {}", "Ada", "Cairo")]
+BAD = [("{} lives in", "Ann", "Lima")]
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"]
+    words += [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    words += [str(i) for i in range(10)] + list(".,;:!?'\"-()") + ["Ġ"]
+    merges = []
+    for w in CITIES:  # " Rome" -> one token "ĠRome"
+        prev = "Ġ"
+        for ch in w:
+            merges.append((prev, ch))
+            prev += ch
+            words.append(prev)
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(dict.fromkeys(merges)), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+
+
+def save_editable_tiny(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = tiny_config("llama")
+    config.vocab_size, config.initializer_range = 128, 0.2
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    return path
+
+
+def write_corpus(path: Path) -> Path:
+    subjects = ["Bob", "Ann", "Eve", "Max", "Ada", "Kent", "Zork"]
+    docs = []
+    for i in range(60):
+        s, c = subjects[i % len(subjects)], CITIES[(i * 3) % len(CITIES)]
+        docs.append(f"{s} went to {c} in {1900 + i}. The weather in {c} was fine; {s} liked it.")
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def run(*args, db=None, **kw):
+    return CliRunner().invoke(cli, [str(a) for a in args] + (["--db", str(db)] if db else []), **kw)
+
+
+def ok(*args, db=None):
+    r = run(*args, db=db)
+    assert r.exit_code == 0, r.output + (repr(r.exception) if r.exception else "")
+    return r
+
+
+def submit(db, prompt, subject, target, **extra):
+    args = ["submit", "--prompt", prompt, "--subject", subject, "--target", target, "--json"]
+    for k, v in extra.items():
+        args += [f"--{k.replace('_', '-')}", v]
+    return json.loads(ok(*args, db=db).stdout)["stored"][0]["id"]
+
+
+def apply_args(corpus) -> list[str]:
+    args = ["apply", "--corpus", str(corpus), "--stats-tokens", str(STATS_TOKENS)]
+    for h in HPARAMS:
+        args += ["--set", h]
+    return args
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + sys.path)
+    return env
