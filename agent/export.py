@@ -6,7 +6,8 @@ in memory; it is also rewritten when no other command holds the workspace lock a
 The export is atomic: the folder is written into a temporary directory beside the destination
 and renamed into place. It holds the model (safetensors + config), the tokenizer, a README.md
 model card listing the active edits, and knowledger-export.json (base model, head seq, weights
-hash, the active facts) for scripts. It loads with `AutoModelForCausalLM.from_pretrained`.
+hash, the edited parameters, the active facts) for scripts: with it the knowledger weights hash
+of an exported folder can be recomputed (agent.live.state_hash). It loads with `AutoModelForCausalLM.from_pretrained`.
 """
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ def export(ws: Workspace, out: str | os.PathLike) -> dict:
         live.model.save_pretrained(tmp, safe_serialization=True)
         live.tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(model_card(base, facts, head, live.state_hash), encoding="utf-8")
-        info = dict(base_model=base, head_seq=head, weights_sha256=live.state_hash, facts=facts)
+        info = dict(base_model=base, head_seq=head, weights_sha256=live.state_hash,
+                    edited_params=sorted(live.param_shas), facts=facts)
         (tmp / "knowledger-export.json").write_text(json.dumps(info, indent=1, ensure_ascii=False),
                                                     encoding="utf-8")
         tmp.chmod(0o755)

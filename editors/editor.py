@@ -132,7 +132,7 @@ class Editor:
                 ids, s = encode_with_subject(self.tokenizer, ctx, r.prompt, r.subject)
                 if c == 0:
                     bare.append(len(rows))
-                rows.append(ids); subj.append(s)
+                rows.append(ids[: s + 1]); subj.append(s)  # causal: nothing after s matters
         batch = pad_right(rows, subj, pad_id(self.tokenizer))
         with torch.no_grad():
             got = capture(self.model, self.spec, batch.ids, block_outputs=[L], mlp_out_inputs=[layer])

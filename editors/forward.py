@@ -75,8 +75,9 @@ class PrefixCache:
         where = {i: (spec.layer(i - 1), "output") if i > 0 else (spec.layer(0), "input")
                  for i in block_inputs}
         names = list(dict.fromkeys(name for name, _ in where.values()))
+        base = model.get_submodule(spec.base)  # no LM head: logits are not needed here
         with torch.no_grad(), TraceDict(model, names, retain_input=True) as td:
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            out = base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
         self.block_inputs = {i: getattr(td[name], kind) for i, (name, kind) in where.items()}  # (B, T, d)
         cache = out.past_key_values
         self.layers = [(layer.keys, layer.values) for layer in cache.layers]  # (B, kv, T, hd) each

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from knowledger.agent import operations as ops
 from knowledger.agent.export import ask, export
-from knowledger.agent.live import snapshot_path
+from knowledger.agent.live import snapshot_path, state_hash
+from knowledger.editors.apply import weight_sha256
 from knowledger.agent.workspace import locate, open_workspace
 from knowledger.editors.evaluate import fact_metrics
 from knowledger.editors.requests import EditRequest
@@ -91,7 +92,10 @@ def test_export_writes_a_loadable_folder_with_a_model_card(history, tmp_path):
     assert [m["rewrite_acc"] for m in fact_metrics(model, tok, facts)] == [1.0, 1.0]
     card = (out / "README.md").read_text()
     assert "## Active edits (2)" in card and "| #1 | Home of Bob | Rome | - | 1 | emmet |" in card
-    assert json.loads((out / "knowledger-export.json").read_text())["head_seq"] == 3
+    info = json.loads((out / "knowledger-export.json").read_text())
+    assert info["head_seq"] == 3 and info["edited_params"] == [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
+    shas = {p: weight_sha256(model.get_parameter(p)) for p in info["edited_params"]}
+    assert state_hash(info["base_model"]["weights_sha256"], shas) == report["weights_sha256"]  # bit for bit
     with pytest.raises(KnowledgerError, match="exists and is not an empty directory"):
         call(export, history, out=out)
 
