@@ -21,7 +21,8 @@ import torch
 
 from .apply import apply_deltas, restore_params, snapshot_params
 from .distribute import get_distribution
-from .forward import capture
+from .forward import capture, run_from
+from .hooks import TraceDict
 from .hparams import EditHParams
 from .model_spec import spec_for
 from .requests import EditRequest
@@ -94,9 +95,10 @@ class Editor:
         timings["keys_s"] = timings["solve_s"] = 0.0
         try:
             z = None
+            keys = _KeyPass(self, requests, contexts)
             for i, layer in enumerate(self.layers):
                 t = time.perf_counter()
-                K, cur = self._keys_and_current(requests, layer, contexts)  # (d_in, n), (n, d)
+                K, cur = keys.at(layer)  # (d_in, n), (n, d)
                 if z is None:
                     z = cur + targets.delta  # (n, d) target output of layer L
                 timings["keys_s"] += time.perf_counter() - t
@@ -121,23 +123,48 @@ class Editor:
         return result
 
     def _keys_and_current(self, requests, layer: int, contexts: list[str]):
-        """Keys at `layer` (mean over context prefixes) and layer L's output at the bare prompt.
+        """Keys at `layer` (mean over context prefixes) and layer L's output at the bare prompt,
+        from a fresh full pass. returns K (d_in, n), cur (n, d)"""
+        return _KeyPass(self, requests, contexts).at(layer)
 
-        returns K (d_in, n), cur (n, d)
-        """
-        L = self.hp.v_layer
+
+class _KeyPass:
+    """Keys and layer L's output for the layer loop, each pass starting as high as it can.
+
+    Editing layer l changes block l's output but not its input: so once block l's input has been
+    seen, later passes start there (blocks l..L) instead of at the embeddings, and no block above
+    L ever runs. Rows end at the subject's last token (causal attention: nothing after matters).
+    """
+
+    def __init__(self, editor: Editor, requests, contexts: list[str]):
+        self.ed, self.n, self.c = editor, len(requests), len(contexts)
         rows, subj, bare = [], [], []
         for r in requests:
-            for c, ctx in enumerate(contexts):
-                ids, s = encode_with_subject(self.tokenizer, ctx, r.prompt, r.subject)
-                if c == 0:
+            for ci, ctx in enumerate(contexts):
+                ids, s = encode_with_subject(editor.tokenizer, ctx, r.prompt, r.subject)
+                if ci == 0:
                     bare.append(len(rows))
-                rows.append(ids[: s + 1]); subj.append(s)  # causal: nothing after s matters
-        batch = pad_right(rows, subj, pad_id(self.tokenizer))
-        with torch.no_grad():
-            got = capture(self.model, self.spec, batch.ids, block_outputs=[L], mlp_out_inputs=[layer])
-        at = torch.arange(len(rows))
-        keys = got[f"key:{layer}"][at, batch.subject_pos].double()  # (n·c, d_in)
-        K = keys.view(len(requests), len(contexts), -1).mean(1).T  # (d_in, n)
-        cur = got[f"out:{L}"][torch.tensor(bare), batch.subject_pos[bare]].float()  # (n, d)
+                rows.append(ids[: s + 1]); subj.append(s)
+        self.batch = pad_right(rows, subj, pad_id(editor.tokenizer))
+        self.bare = torch.tensor(bare)
+        self.start: tuple[int, torch.Tensor] | None = None  # (block, its input (B, T, d))
+
+    def at(self, layer: int):
+        ed, spec, L = self.ed, self.ed.spec, self.ed.hp.v_layer
+        if self.start is None:
+            got = capture(ed.model, spec, self.batch.ids, block_inputs=[layer], block_outputs=[L],
+                          mlp_out_inputs=[layer])
+            key, out_L, block_in = got[f"key:{layer}"], got[f"out:{L}"], got[f"in:{layer}"]
+        else:
+            first, hidden = self.start
+            names = [spec.mlp_out_name(layer), spec.layer(L)] + ([spec.layer(layer)] if layer > first else [])
+            with torch.no_grad(), TraceDict(ed.model, names, retain_input=True) as td:
+                run_from(ed.model, spec, first, hidden, end=L + 1)
+            key, out_L = td[spec.mlp_out_name(layer)].input, td[spec.layer(L)].output
+            block_in = td[spec.layer(layer)].input if layer > first else hidden
+        self.start = (layer, block_in)
+        at = torch.arange(len(self.batch.ids))
+        keys = key[at, self.batch.subject_pos].double()  # (n·c, d_in)
+        K = keys.view(self.n, self.c, -1).mean(1).T  # (d_in, n)
+        cur = out_L[self.bare, self.batch.subject_pos[self.bare]].float()  # (n, d)
         return K, cur

@@ -17,16 +17,16 @@ from .model_spec import ModelSpec
 
 
 @contextmanager
-def truncated(model: nn.Module, spec: ModelSpec, start: int):
-    """Within the block, the decoder stack consists of blocks start..end only."""
+def truncated(model: nn.Module, spec: ModelSpec, start: int, end: int | None = None):
+    """Within the block, the decoder stack consists of blocks start..end-1 only."""
     parent_name, attr = spec.layers.rsplit(".", 1)
     parent = model.get_submodule(parent_name)
     full = getattr(parent, attr)
     config = model.config
     layer_types = getattr(config, "layer_types", None)
-    setattr(parent, attr, nn.ModuleList(list(full)[start:]))
+    setattr(parent, attr, nn.ModuleList(list(full)[start:end]))
     if layer_types:  # Qwen2 & co index per-layer attention types by position in the list
-        config.layer_types = list(layer_types)[start:]
+        config.layer_types = list(layer_types)[start:end]
     try:
         yield
     finally:
@@ -37,8 +37,9 @@ def truncated(model: nn.Module, spec: ModelSpec, start: int):
 
 def run_from(model: nn.Module, spec: ModelSpec, start: int, hidden: torch.Tensor, *,
              position_ids: torch.Tensor | None = None, cache=None,
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Run blocks start..end and the final norm on `hidden`, the input of block `start`.
+             attention_mask: torch.Tensor | None = None, end: int | None = None) -> torch.Tensor:
+    """Run blocks start..end-1 (default: to the last) and the final norm on `hidden`, the input
+    of block `start`.
 
     hidden  # (B, T, d); without a cache: right-padded rows at positions 0..T-1
     position_ids  # (B, T) when the rows continue a cache (see PrefixCache)
@@ -52,7 +53,7 @@ def run_from(model: nn.Module, spec: ModelSpec, start: int, hidden: torch.Tensor
     kwargs = dict(use_cache=cache is not None, position_ids=position_ids)
     if cache is not None:
         kwargs.update(past_key_values=cache, attention_mask=attention_mask)
-    with truncated(model, spec, start):
+    with truncated(model, spec, start, end):
         out = base(inputs_embeds=hidden, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 

@@ -156,3 +156,21 @@ def test_rome_edits_one_fact_and_bad_settings_are_refused():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="no key statistics"):
         Editor(model, TOK, EditHParams(layers=(1,)), method="memit", second_moments={})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_key_passes_that_start_at_a_cached_block_match_fresh_full_passes(family, monkeypatch):
+    from knowledger.editors import editor as editor_module
+
+    model, editor = make(family, "memit", layers=(0, 1, 3), init_range=0.1)
+    fast = editor.compute(FACTS)
+    original = editor_module._KeyPass.at
+
+    def fresh(self, layer):
+        self.start = None  # forget the cached block input: a full pass every time
+        return original(self, layer)
+
+    monkeypatch.setattr(editor_module._KeyPass, "at", fresh)
+    slow = editor.compute(FACTS)
+    for a, b in zip(fast.deltas, slow.deltas):
+        torch.testing.assert_close(a.dense(), b.dense(), atol=1e-5, rtol=1e-4)
