@@ -77,15 +77,24 @@ def apply_result(lm: LoadedModel, result) -> dict[str, str]:
 
 
 def save_model(lm: LoadedModel, out: Path) -> Path:
-    """Write a Hugging Face folder atomically: into a temp dir beside `out`, then rename."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty")
+    """Write the loaded model as a Hugging Face folder, atomically (see write_hf_folder)."""
+    return write_hf_folder(lm.model, lm.tokenizer, out)
+
+
+def write_hf_folder(model, tokenizer, out: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
+    """A Hugging Face folder (safetensors + config + tokenizer + `extra` text files by name),
+    written into a temp dir beside `out` and renamed; `out` must not exist or be an empty dir."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        lm.model.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        tmp.chmod(0o755)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from knowledger.agent.editing import write_hf_folder
 from knowledger.agent.live import (LiveModel, lock_path, open_live, remove_stale_temporaries,
                                    snapshot_path)
 from knowledger.agent.lock import try_lock
@@ -97,21 +96,9 @@ def export(ws: Workspace, out: str | os.PathLike) -> dict:
         raise KnowledgerError(f"{out} exists and is not an empty directory")
     live, head, notes = open_for_reading(ws, "export")
     base, facts = active_edits(ws)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        live.model.save_pretrained(tmp, safe_serialization=True)
-        live.tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(base, facts, head, live.state_hash), encoding="utf-8")
-        info = dict(base_model=base, head_seq=head, weights_sha256=live.state_hash,
-                    edited_params=sorted(live.param_shas), facts=facts)
-        (tmp / "knowledger-export.json").write_text(json.dumps(info, indent=1, ensure_ascii=False),
-                                                    encoding="utf-8")
-        tmp.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    info = dict(base_model=base, head_seq=head, weights_sha256=live.state_hash,
+                edited_params=sorted(live.param_shas), facts=facts)
+    write_hf_folder(live.model, live.tokenizer, out, extra={
+        "README.md": model_card(base, facts, head, live.state_hash),
+        "knowledger-export.json": json.dumps(info, indent=1, ensure_ascii=False)})
     return dict(path=str(out), head_seq=head, weights_sha256=live.state_hash, facts=facts, notes=notes)

@@ -111,6 +111,20 @@ def _one_target(fact_id, seq) -> None:
         raise click.UsageError("give a fact ID or --op SEQ (not both)")
 
 
+def _run_on_target(api, db, as_json, fact_id, seq, **kw) -> None:
+    """undo/redo: one target, the API call under the workspace, then the report."""
+    _one_target(fact_id, seq)
+    _quiet()
+    with open_workspace(db) as ws:
+        report = api(ws, fact_id=fact_id, seq=seq, **kw)
+    _notes(report)
+    if as_json:
+        echo_json(report)
+        return
+    _print_operations(report["operations"])
+    _print_head(report)
+
+
 def _target_options(f):
     f = click.option("--op", "seq", type=int, metavar="SEQ", help="An operation's seq instead of a fact id.")(f)
     return click.argument("fact_id", metavar="[ID]", type=int, required=False)(f)
@@ -132,16 +146,7 @@ def undo(fact_id, seq, rebase, wait, db, as_json):
     """
     from knowledger.agent.operations import undo as undo_api
 
-    _one_target(fact_id, seq)
-    _quiet()
-    with open_workspace(db) as ws:
-        report = undo_api(ws, fact_id=fact_id, seq=seq, rebase=rebase, wait=wait)
-    _notes(report)
-    if as_json:
-        echo_json(report)
-        return
-    _print_operations(report["operations"])
-    _print_head(report)
+    _run_on_target(undo_api, db, as_json, fact_id, seq, rebase=rebase, wait=wait)
 
 
 @cli.command()
@@ -160,16 +165,7 @@ def redo(fact_id, seq, wait, db, as_json):
     """
     from knowledger.agent.operations import redo as redo_api
 
-    _one_target(fact_id, seq)
-    _quiet()
-    with open_workspace(db) as ws:
-        report = redo_api(ws, fact_id=fact_id, seq=seq, wait=wait)
-    _notes(report)
-    if as_json:
-        echo_json(report)
-        return
-    _print_operations(report["operations"])
-    _print_head(report)
+    _run_on_target(redo_api, db, as_json, fact_id, seq, wait=wait)
 
 
 @cli.command()
