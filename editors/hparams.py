@@ -31,6 +31,7 @@ class EditHParams:
     context_tokens: int = 10  # length of each generated prefix
     context_seed: int = 0  # prefixes are generated greedily-seeded and cached: reproducible
     autocast_bf16: bool = False  # run the v* optimisation under bf16 autocast (CPU AMX)
+    v_batch: int = 16  # facts optimised together; larger batches run in chunks (bounded memory)
 
     # --- solve -------------------------------------------------------------------------------
     mom2_weight: float = 5000.0  # MEMIT's λ on the key second moment C (not scale-free!)
@@ -53,7 +54,7 @@ class EditHParams:
         for name in ("v_lr", "v_clamp_norm_factor", "mom2_weight"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"hparams.{name} must be > 0")
-        for name in ("v_steps", "n_context", "stats_tokens", "early_stop_patience"):
+        for name in ("v_steps", "n_context", "stats_tokens", "early_stop_patience", "v_batch"):
             if getattr(self, name) < (0 if name == "n_context" else 1):
                 raise ValueError(f"hparams.{name} is out of range: {getattr(self, name)}")
         if self.distribution not in ("uniform", "last"):

@@ -126,6 +126,20 @@ def _adam_step(delta, grad, m, v, t, rows, lr, b1=0.9, b2=0.999, eps=1e-8):
 
 def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp: EditHParams,
                     contexts: list[str], *, pmet: bool = False, progress=None) -> ValueTargets:
+    """Target changes δ for every fact. Facts are independent here (own δ, own Adam state, own
+    stopping), so a large batch is optimised in chunks of `hp.v_batch` facts: same result,
+    memory bounded by the chunk, not the batch."""
+    if len(requests) > hp.v_batch:
+        t0 = time.perf_counter()
+        parts = [_optimise(model, tokenizer, spec, requests[i : i + hp.v_batch], hp, contexts, pmet=pmet,
+                           progress=progress) for i in range(0, len(requests), hp.v_batch)]
+        return ValueTargets(delta=torch.cat([p.delta for p in parts]), stats=[s for p in parts for s in p.stats],
+                            contexts=list(contexts), seconds=time.perf_counter() - t0)
+    return _optimise(model, tokenizer, spec, requests, hp, contexts, pmet=pmet, progress=progress)
+
+
+def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp: EditHParams,
+              contexts: list[str], *, pmet: bool = False, progress=None) -> ValueTargets:
     t0 = time.perf_counter()
     L = hp.v_layer
     lay = _Layout(tokenizer, requests, contexts)

@@ -174,3 +174,12 @@ def test_key_passes_that_start_at_a_cached_block_match_fresh_full_passes(family,
     slow = editor.compute(FACTS)
     for a, b in zip(fast.deltas, slow.deltas):
         torch.testing.assert_close(a.dense(), b.dense(), atol=1e-5, rtol=1e-4)
+
+
+def test_large_batches_optimise_values_in_chunks_with_the_same_result():
+    _, whole = make("llama", "emmet", v_steps=5)
+    _, chunked = make("llama", "emmet", v_steps=5, v_batch=1)
+    a, b = whole.compute(FACTS), chunked.compute(FACTS)
+    assert [s["steps"] for s in a.value_stats] == [s["steps"] for s in b.value_stats]
+    for x, y in zip(a.deltas, b.deltas):
+        torch.testing.assert_close(x.dense(), y.dense(), atol=1e-4, rtol=1e-3)
