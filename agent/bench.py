@@ -139,9 +139,10 @@ def plot(runs: list[dict], path: Path) -> Path:
         xs = [i + (j - len(METRICS) / 2) * width + width / 2 for i in range(len(runs))]
         ax.bar(xs, [r["metrics"].get(k, math.nan) for r in runs], width, label=k)
     ax.set_xticks(range(len(runs)), labels)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.25)
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("fraction")
-    ax.legend(ncol=3, fontsize=8, loc="lower right")
+    ax.legend(ncol=6, fontsize=8, loc="upper center", frameon=False)
     ax.set_title(f"{runs[0].get('dataset', '')}: {runs[0]['n']} facts, metrics after all edits")
     ax2.bar(range(len(runs)), [r["timing"].get("per_fact_s", 0) for r in runs], color="grey")
     ax2.set_xticks(range(len(runs)), labels)

@@ -8,9 +8,13 @@ are not touched (a newer edit on top of an applied one simply wins in the weight
 Batches. The surviving facts, oldest first, are cut into batches of `batch_size` (ROME: 1).
 
 Editor. `auto` picks EMMET for a batch smaller than `auto_memit_min_batch` facts and MEMIT from
-that size on: EMMET's equality constraints hit small batches exactly, MEMIT's least squares
-degrade more gracefully as the batch grows (its threshold is a workspace setting, default 32, to
-be tuned from benchmark numbers). ROME and PMET only when asked; ROME edits one fact per batch.
+that size on (a workspace setting, default 256). Measured on the default model
+(docs/benchmarks.md, 100 CounterFact facts): EMMET beats MEMIT on efficacy at batch 1, 10 and
+100 alike (0.99 vs 0.89-0.92; top-1 0.74-0.81 vs 0.43-0.47) at the same speed, MEMIT keeps the
+neighbourhood 0.02-0.06 better; no crossover up to 100. EMMET's equalities become nearly
+dependent as the batch approaches the key width (1536 here), where MEMIT's least squares degrade
+gracefully; 256 is a sixth of that width, beyond what was measured. ROME and PMET only when
+asked; ROME edits one fact per batch.
 
 Workspace settings (ledger `settings` table, see `EditSettings`): batch_size,
 auto_memit_min_batch, and what the key statistics and hyperparameters are made of (stats_corpus,
@@ -28,7 +32,7 @@ from knowledger.ledger import repository as repo
 
 EDITOR_CHOICES = ("auto", "emmet", "memit", "rome", "pmet")
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_MEMIT_MIN_BATCH = 32
+DEFAULT_MEMIT_MIN_BATCH = 256  # see the module docstring and docs/benchmarks.md
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def test_batches_keep_submission_order_and_auto_switches_to_memit_at_the_thresho
     assert [b.fact_ids for b in p.batches] == [(1, 2, 3), (4, 5, 6), (7,)]
     assert [b.editor for b in p.batches] == ["memit", "memit", "emmet"]
     assert p.batches[2].reason == "auto: 1 facts < auto_memit_min_batch 3"
-    assert [b.editor for b in plan(fs, batch_size=10).batches] == ["emmet"]  # default threshold 32
+    assert [b.editor for b in plan(fs, batch_size=10).batches] == ["emmet"]  # default threshold 256
 
 
 def test_rome_and_pmet_only_when_asked_and_rome_one_fact_a_batch():
@@ -46,7 +46,7 @@ def test_bad_editor_or_batch_size_is_refused():
 def test_plan_as_dict_names_facts_and_supersessions():
     fs = facts(("{} is in", "A", "X"), ("{} is in", "A", "Y"))
     d = plan(fs, batch_size=4).as_dict({f.id: f for f in fs})
-    assert d == {"batches": [{"index": 1, "editor": "emmet", "reason": "auto: 1 facts < auto_memit_min_batch 32",
+    assert d == {"batches": [{"index": 1, "editor": "emmet", "reason": "auto: 1 facts < auto_memit_min_batch 256",
                               "facts": [{"id": 2, "text": "A is in", "target_new": "Y"}]}],
                  "superseded": [{"fact": 1, "superseded_by": 2}]}
 
