@@ -110,13 +110,22 @@ def baseline(lm: LoadedModel, requests: list[EditRequest]) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def label(run: dict) -> str:
+    """The editor, and what differs from the defaults: bf16 v*, statistics from sampled text."""
+    if run["batch_size"] == 0:
+        return run["editor"]
+    extras = (["bf16 v*"] if run.get("hparams", {}).get("autocast_bf16") else []) + \
+             (["sampled C"] if run.get("corpus", "") is None else [])
+    return run["editor"] + (f" ({', '.join(extras)})" if extras else "")
+
+
 def markdown_table(runs: list[dict]) -> str:
     head = ("| editor | n | batch | efficacy | paraphrase | neighborhood | efficacy_acc | paraphrase_acc "
             "| neighborhood_acc | s/fact | v* s | keys s | solve s | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
         m, t = r["metrics"], r["timing"]
-        cells = [r["editor"], r["n"], r["batch_size"] or "-"]
+        cells = [label(r), r["n"], r["batch_size"] or "-"]
         cells += [f"{m.get(k, math.nan):.3f}" for k in METRICS]
         cells += [f"{t.get('per_fact_s', 0):.2f}", f"{t.get('values_s', 0):.1f}", f"{t.get('keys_s', 0):.1f}",
                   f"{t.get('solve_s', 0):.1f}", f"{r.get('peak_rss_mb', 0):.0f}"]
@@ -131,7 +140,7 @@ def plot(runs: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['editor'].split()[0]}\nb={r['batch_size'] or '-'}" for r in runs]
+    labels = [f"{label(r).replace(' (', chr(10) + '(')}\nb={r['batch_size'] or '-'}" for r in runs]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(8, len(runs) * 0.9), 7),
                                   gridspec_kw={"height_ratios": [3, 1]})
     width = 0.8 / len(METRICS)
