@@ -34,9 +34,9 @@ def test_dry_run_prints_the_plan_and_changes_nothing(ws, corpus):
     assert r.stdout == (
         "#1 superseded by #3 (same subject and prompt)\n"
         "Dry run: 2 facts in 2 batches; nothing changed.\n"
-        "batch 1: emmet (auto: 1 facts < auto_memit_min_batch 32)\n"
+        "batch 1: emmet (auto: 1 facts < auto_memit_min_batch 256)\n"
         "  #2 Capital of Zork → Tokyo\n"
-        "batch 2: emmet (auto: 1 facts < auto_memit_min_batch 32)\n"
+        "batch 2: emmet (auto: 1 facts < auto_memit_min_batch 256)\n"
         "  #3 Home of Bob → Paris\n")
     assert json.loads(ok("log", "--json", db=ws).stdout)[2]["status"] == "pending"
     plan = json.loads(ok(*apply_args(corpus), "--dry-run", "--json", "--editor", "memit", db=ws).stdout)
