@@ -66,7 +66,8 @@ class EditHParams:
         return self.layers[-1]
 
     def replace(self, **changes: Any) -> "EditHParams":
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; an unknown key is a ValueError naming it (not a TypeError)."""
+        return EditHParams.from_dict({**self.to_dict(), **changes})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

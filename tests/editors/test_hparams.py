@@ -33,5 +33,7 @@ def test_invalid_hyperparameters_are_refused(bad, message):
 def test_unknown_keys_are_refused_and_unknown_presets_named():
     with pytest.raises(ValueError, match="unknown hyperparameter"):
         EditHParams.from_dict({"layers": [1], "learning_rate": 1})
+    with pytest.raises(ValueError, match="unknown hyperparameter.*nope"):
+        load_preset("llama-30L").replace(nope=1)  # what --set nope=1 does
     with pytest.raises(ValueError, match="no hyperparameter preset"):
         load_preset("nope")
