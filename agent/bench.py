@@ -14,14 +14,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 from tqdm.auto import tqdm
 
 from knowledger.editors.apply import restore_params, snapshot_params
 from knowledger.editors.evaluate import aggregate, fact_metrics
 from knowledger.editors.requests import EditRequest
 
-from .editing import LoadedModel, apply_result, make_editor
+from .editing import LoadedModel, apply_result, make_editor, requests_from_facts
 
 METRICS = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "paraphrase_acc", "neighborhood_acc")
 
@@ -30,21 +29,18 @@ def load_requests(path: Path, n: int | None = None, offset: int = 0) -> tuple[li
     """The first n valid facts of a fact file (any layout ledger.facts reads); and how many were skipped."""
     from knowledger.ledger.facts import read_facts
 
-    reqs, skipped = [], 0
+    facts, skipped = [], 0
     for row in read_facts(Path(path)):
         if row.error is not None:
             skipped += 1
             continue
-        f = row.fact
         if offset > 0:
             offset -= 1
             continue
-        reqs.append(EditRequest(prompt=f.prompt, subject=f.subject, target_new=f.target_new,
-                                target_true=f.target_true, paraphrases=tuple(f.paraphrases),
-                                neighborhood=tuple((p, a) for p, a in f.neighborhood)))
-        if n is not None and len(reqs) >= n:
+        facts.append(row.fact)
+        if n is not None and len(facts) >= n:
             break
-    return reqs, skipped
+    return requests_from_facts(facts), skipped
 
 
 def peak_rss_mb() -> float:

@@ -25,6 +25,11 @@ def parse_sets(pairs: tuple[str, ...]) -> dict:
     return out
 
 
+def _tokens(toks) -> str:
+    """[(token, probability)] -> "' Rome' 0.53, ' Paris' 0.08"."""
+    return ", ".join(f"{t!r} {q:.2f}" for t, q in toks)
+
+
 def hparam_options(f):
     f = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                      help="Override a hyperparameter, e.g. --set v_steps=10 --set layers=[3,4].")(f)
@@ -87,10 +92,9 @@ def edit(model_name, corpus, stats_tokens, preset, sets, editor, prompt, subject
     for fact in report["facts"]:
         click.echo(f"{fact['prompt']!r} -> {fact['target_new']!r}")
         for p in fact["before"]:
-            fmt = lambda toks: ", ".join(f"{t!r} {q:.2f}" for t, q in toks)  # noqa: E731
             click.echo(f"  {p}")
-            click.echo(f"    before: {fmt(fact['before'][p])}")
-            click.echo(f"    after:  {fmt(fact['after'][p])}")
+            click.echo(f"    before: {_tokens(fact['before'][p])}")
+            click.echo(f"    after:  {_tokens(fact['after'][p])}")
     t = report["timings"]
     click.echo(f"{editor} on layers {report['layers']}: v* {t.get('values_s', 0):.2f}s, keys "
                f"{t.get('keys_s', 0):.2f}s, solve {t.get('solve_s', 0):.2f}s (statistics {report['stats_s']:.1f}s)")

@@ -58,6 +58,11 @@ def run_from(model: nn.Module, spec: ModelSpec, start: int, hidden: torch.Tensor
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def block_input_site(spec: ModelSpec, i: int) -> tuple[str, str]:
+    """Where the input of block i can be read: block i-1's output, or block 0's own input."""
+    return (spec.layer(i - 1), "output") if i > 0 else (spec.layer(0), "input")
+
+
 class PrefixCache:
     """Keys and values of every layer for a right-padded batch, so that later passes can run only
     the tokens from each row's `start` column on (the v* optimisation changes nothing before the
@@ -72,9 +77,7 @@ class PrefixCache:
     def __init__(self, model: nn.Module, spec: ModelSpec, ids: torch.Tensor, block_inputs=()):
         from .hooks import TraceDict
 
-        # the input of block i is the output of block i-1 (block 0: its own input)
-        where = {i: (spec.layer(i - 1), "output") if i > 0 else (spec.layer(0), "input")
-                 for i in block_inputs}
+        where = {i: block_input_site(spec, i) for i in block_inputs}
         names = list(dict.fromkeys(name for name, _ in where.values()))
         base = model.get_submodule(spec.base)  # no LM head: logits are not needed here
         with torch.no_grad(), TraceDict(model, names, retain_input=True) as td:
@@ -119,7 +122,7 @@ def capture(model: nn.Module, spec: ModelSpec, ids: torch.Tensor, *, block_input
 
     want: dict[str, tuple[str, str]] = {}  # result key -> (module name, "input" | "output")
     for i in block_inputs:
-        want[f"in:{i}"] = (spec.layer(i - 1), "output") if i > 0 else (spec.layer(0), "input")
+        want[f"in:{i}"] = block_input_site(spec, i)
     for i in block_outputs:
         want[f"out:{i}"] = (spec.layer(i), "output")
     for i in mlp_out_inputs:

@@ -1,7 +1,7 @@
 """What an editor is asked to do: one fact rewrite, model-agnostic and free of the database."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -83,7 +82,6 @@ class ValueTargets:
     delta: torch.Tensor  # (n, d): the change of layer L's output at the last subject token
     stats: list[dict] = field(default_factory=list)  # per fact: steps, converged, nll, prob, norm
     contexts: list[str] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 class _Layout:
@@ -130,17 +128,15 @@ def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditReques
     stopping), so a large batch is optimised in chunks of `hp.v_batch` facts: same result,
     memory bounded by the chunk, not the batch."""
     if len(requests) > hp.v_batch:
-        t0 = time.perf_counter()
         parts = [_optimise(model, tokenizer, spec, requests[i : i + hp.v_batch], hp, contexts, pmet=pmet,
                            progress=progress) for i in range(0, len(requests), hp.v_batch)]
         return ValueTargets(delta=torch.cat([p.delta for p in parts]), stats=[s for p in parts for s in p.stats],
-                            contexts=list(contexts), seconds=time.perf_counter() - t0)
+                            contexts=list(contexts))
     return _optimise(model, tokenizer, spec, requests, hp, contexts, pmet=pmet, progress=progress)
 
 
 def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp: EditHParams,
               contexts: list[str], *, pmet: bool = False, progress=None) -> ValueTargets:
-    t0 = time.perf_counter()
     L = hp.v_layer
     lay = _Layout(tokenizer, requests, contexts)
     ids, subj = lay.batch.ids, lay.batch.subject_pos  # (B, T), (B,)
@@ -239,8 +235,7 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
         for f in range(n)
     ]
     # The MLP part (the only part for MEMIT/EMMET) is the target change of layer L's output.
-    return ValueTargets(delta=delta[:, -1].clone(), stats=stats, contexts=list(contexts),
-                        seconds=time.perf_counter() - t0)
+    return ValueTargets(delta=delta[:, -1].clone(), stats=stats, contexts=list(contexts))
 
 
 def _run_pmet(model, spec: ModelSpec, L: int, h_in, onehot, per_row, run: dict):

@@ -1,9 +1,8 @@
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.tiny import FAMILIES, save_tiny, tiny_model, tiny_tokenizer  # noqa: F401
+from tests.tiny import save_tiny
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
