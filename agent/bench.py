@@ -11,9 +11,11 @@ import math
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from tqdm.auto import tqdm
 
 from knowledger.editors.apply import restore_params, snapshot_params
@@ -23,6 +25,12 @@ from knowledger.editors.requests import EditRequest
 from .editing import LoadedModel, apply_result, make_editor, requests_from_facts
 
 METRICS = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "paraphrase_acc", "neighborhood_acc")
+ZSRE_METRICS = ("efficacy_token_acc", "paraphrase_token_acc", "neighborhood_token_acc", "efficacy_acc",
+                "paraphrase_acc", "neighborhood_acc")
+
+
+def metric_names(runs: list[dict]) -> tuple[str, ...]:
+    return ZSRE_METRICS if runs and runs[0].get("dataset") == "zsre" else METRICS
 
 
 def load_requests(path: Path, n: int | None = None, offset: int = 0) -> tuple[list[EditRequest], int]:
@@ -52,33 +60,136 @@ def evaluate(lm: LoadedModel, requests: list[EditRequest]) -> dict[str, float]:
     return aggregate(fact_metrics(lm.model, lm.tokenizer, requests))
 
 
+@dataclass
+class Health:
+    """Model-health probes shared by the baseline and every run: held-out text and GE prompts."""
+
+    heldout: list[list[int]] | None  # token sequences beyond the statistics' tokens
+    prompts: list[str]  # generation-entropy prompts (the first facts' rewrite prompts)
+    note: str | None = None
+
+    @classmethod
+    def make(cls, lm: LoadedModel, requests: list[EditRequest], hp, corpus, *, heldout_tokens: int,
+             entropy_prompts: int) -> "Health":
+        from knowledger.editors.corpus import Corpus
+        from knowledger.editors.health import heldout_chunks
+
+        chunks, note = None, None
+        if heldout_tokens > 0:
+            if corpus is None:
+                note = "perplexity skipped: the statistics corpus is model-sampled text"
+            else:
+                chunks = heldout_chunks(Corpus.from_path(corpus), lm.tokenizer, heldout_tokens,
+                                        skip_tokens=hp.stats_tokens)
+        return cls(chunks, [r.text for r in requests[:entropy_prompts]], note)
+
+    def perplexity(self, lm: LoadedModel) -> float | None:
+        from knowledger.editors.health import perplexity
+
+        return perplexity(lm.model, lm.tokenizer, self.heldout) if self.heldout else None
+
+    def entropy(self, lm: LoadedModel) -> float | None:
+        from knowledger.editors.health import generation_entropy
+
+        return generation_entropy(lm.model, lm.tokenizer, self.prompts) if self.prompts else None
+
+
+def _norms(lm: LoadedModel, base: dict[str, torch.Tensor], layers) -> dict[str, dict[str, float]]:
+    from knowledger.editors.health import weight_norms
+
+    cur = {l: lm.model.get_parameter(lm.spec.weight_name(l)) for l in layers}
+    return {str(l): v for l, v in weight_norms(cur, {l: base[lm.spec.weight_name(l)] for l in layers}).items()}
+
+
+def checkpoints(n_batches: int, points: int) -> set[int]:
+    """Batch indices (1-based) after which all facts so far are evaluated: ~`points` evenly, and the last."""
+    step = max(1, math.ceil(n_batches / max(points, 1)))
+    return {i for i in range(step, n_batches + 1, step)} | {n_batches}
+
+
 def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size: int, hp,
-        corpus=None, progress: bool = True, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Edit `requests` in consecutive batches; return the run record. The model is restored after."""
+        corpus=None, progress: bool = True, sequential: bool = True, curve_points: int = 10,
+        heldout_tokens: int = 8192, entropy_prompts: int = 32, health: Health | None = None,
+        settings=None, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Edit `requests` in consecutive batches; return the run record. The model is restored after.
+
+    sequential (the lifelong protocol): batches pile up on the same weights, a past-edit memory
+    (editors.memory) carries every applied batch's keys, and after ~curve_points batches the facts
+    edited so far are all re-evaluated, with perplexity on held-out text and the edited layers'
+    norm growth: the curves. Not sequential: each batch is edited on the unedited weights.
+    editor "auto" picks per batch as the scheduler would (agent.scheduler.choose_editor) given the
+    edits applied so far and the current norm growth.
+    """
+    from knowledger.agent.scheduler import EditSettings, History, choose_editor
+    from knowledger.editors.memory import KeyMemory
+
+    settings = settings or EditSettings()
     stats_before = lm.stats_s
-    ed = make_editor(lm, editor, hp, corpus, progress=progress)
+    eds: dict[str, object] = {}
+
+    def get(method):
+        if method not in eds:
+            eds[method] = make_editor(lm, method, hp, corpus, progress=progress)
+        return eds[method]
+
+    first = get(choose_editor(min(batch_size, len(requests)), editor, settings.auto_memit_min_batch,
+                              None, settings)[0])
+    layers = first.layers
     stats_s = lm.stats_s - stats_before
-    saved = snapshot_params(lm.model, [lm.spec.weight_name(l) for l in ed.layers])
+    health = health or Health.make(lm, requests, hp, corpus, heldout_tokens=heldout_tokens,
+                                   entropy_prompts=entropy_prompts)
+    saved = snapshot_params(lm.model, [lm.spec.weight_name(l) for l in layers])
+    memory = KeyMemory()
     phases = dict(contexts_s=0.0, values_s=0.0, keys_s=0.0, solve_s=0.0, apply_s=0.0)
     after_batch: list[dict] = []
+    batches_log, curve = [], []
     converged = 0
+    t_probe = time.perf_counter()
+    ppl_base = health.perplexity(lm)
+    probe_s = time.perf_counter() - t_probe
     try:
         batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
+        marks = checkpoints(len(batches), curve_points) if sequential else set()
         bar = tqdm(batches, desc=f"{editor} b={batch_size}", unit="batch", disable=not progress)
         t_edit = time.perf_counter()
-        for batch in bar:
-            res = ed.compute(batch)
+        done, growth = 0, 0.0
+        for b, batch in enumerate(bar, 1):
+            method, reason = choose_editor(len(batch), editor, settings.auto_memit_min_batch,
+                                           History(done, growth), settings)
+            res = get(method).compute(batch, memory=memory)
             t = time.perf_counter()
             apply_result(lm, res)
+            if sequential:
+                memory.add({l: K for l, K in res.keys.items()})
             phases["apply_s"] += time.perf_counter() - t
             for k in ("contexts_s", "values_s", "keys_s", "solve_s"):
                 phases[k] += res.timings.get(k, 0.0)
             converged += sum(s["converged"] for s in res.value_stats)
-            after_batch.extend(fact_metrics(lm.model, lm.tokenizer, batch))
+            t = time.perf_counter()
+            own = fact_metrics(lm.model, lm.tokenizer, batch)
+            after_batch.extend(own)
+            done += len(batch)
+            norms = _norms(lm, saved, layers)
+            growth = max(v["delta_rel"] for v in norms.values())
+            batches_log.append(dict(index=b, editor=method, reason=reason, n=len(batch),
+                                    seconds=res.timings.get("total_s", 0.0), after_batch=aggregate(own),
+                                    max_delta_rel=growth))
+            if b in marks:
+                point = dict(edits=done, metrics=evaluate(lm, requests[:done]), norms=norms,
+                             max_delta_rel=growth, perplexity=health.perplexity(lm))
+                curve.append(point)
+                bar.set_postfix(eff=f"{point['metrics'].get('efficacy', math.nan):.2f}",
+                                nbh=f"{point['metrics'].get('neighborhood', math.nan):.2f}")
+            probe_s += time.perf_counter() - t
+            if not sequential:
+                restore_params(lm.model, saved)
         edit_s = time.perf_counter() - t_edit
         eval_t = time.perf_counter()
-        final = evaluate(lm, requests)
-        eval_s = time.perf_counter() - eval_t
+        final = curve[-1]["metrics"] if sequential else aggregate(after_batch)
+        final_norms = curve[-1]["norms"] if sequential else {}
+        ppl = curve[-1]["perplexity"] if sequential else ppl_base
+        ge = health.entropy(lm) if sequential else None
+        eval_s = time.perf_counter() - eval_t + probe_s
     finally:
         restore_params(lm.model, saved)
     edit_only = sum(phases.values())
@@ -86,8 +197,17 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
         "editor": editor,
         "n": len(requests),
         "batch_size": batch_size,
+        "sequential": sequential,
         "metrics": {k: final.get(k, math.nan) for k in sorted(final)},
         "metrics_after_batch": aggregate(after_batch),
+        "health": {"perplexity": ppl, "perplexity_base": ppl_base,
+                   "perplexity_ratio": ppl / ppl_base if ppl and ppl_base else None,
+                   "generation_entropy": ge, "norms": final_norms,
+                   "max_delta_rel": max((v["delta_rel"] for v in final_norms.values()), default=None),
+                   "note": health.note},
+        "editors_used": {m: sum(1 for x in batches_log if x["editor"] == m) for m in eds},
+        "batches": batches_log,
+        "curve": curve,
         "timing": {"stats_s": stats_s, **phases, "per_fact_s": edit_only / len(requests),
                    "edit_wall_s": edit_s, "eval_s": eval_s},
         "values_converged": converged / len(requests),
@@ -96,11 +216,20 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
     }
 
 
-def baseline(lm: LoadedModel, requests: list[EditRequest]) -> dict:
+def baseline(lm: LoadedModel, requests: list[EditRequest], *, hp=None, corpus=None,
+             heldout_tokens: int = 8192, entropy_prompts: int = 32, health: Health | None = None) -> dict:
     t = time.perf_counter()
     m = evaluate(lm, requests)
+    ppl = ge = None
+    note = None
+    if hp is not None or health is not None:
+        health = health or Health.make(lm, requests, hp, corpus, heldout_tokens=heldout_tokens,
+                                       entropy_prompts=entropy_prompts)
+        ppl, ge, note = health.perplexity(lm), health.entropy(lm), health.note
     return {"editor": "none (unedited)", "n": len(requests), "batch_size": 0,
             "metrics": {k: m.get(k, math.nan) for k in sorted(m)},
+            "health": {"perplexity": ppl, "perplexity_base": ppl, "perplexity_ratio": 1.0 if ppl else None,
+                       "generation_entropy": ge, "norms": {}, "max_delta_rel": 0.0, "note": note},
             "timing": {"stats_s": 0.0, "values_s": 0.0, "solve_s": 0.0, "per_fact_s": 0.0,
                        "eval_s": time.perf_counter() - t},
             "peak_rss_mb": peak_rss_mb()}
@@ -112,21 +241,71 @@ def label(run: dict) -> str:
         return run["editor"]
     extras = (["bf16 v*"] if run.get("hparams", {}).get("autocast_bf16") else []) + \
              (["sampled C"] if run.get("corpus", "") is None else [])
+    used = run.get("editors_used") or {}
+    if run["editor"] == "auto" and used:
+        extras.append("→ " + "+".join(f"{m}×{k}" for m, k in used.items() if k))
+    if run.get("sequential") is False:
+        extras.append("independent batches")
     return run["editor"] + (f" ({', '.join(extras)})" if extras else "")
 
 
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
 def markdown_table(runs: list[dict]) -> str:
-    head = ("| editor | n | batch | efficacy | paraphrase | neighborhood | efficacy_acc | paraphrase_acc "
-            "| neighborhood_acc | s/fact | v* s | keys s | solve s | peak RSS MB |")
+    names = metric_names(runs)
+    head = ("| editor | n | batch | " + " | ".join(names) + " | ppl ×base | max ‖ΔW‖/‖W‖ | GE "
+            "| s/fact | v* s | keys s | solve s | peak RSS MB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
-        m, t = r["metrics"], r["timing"]
+        m, t, h = r["metrics"], r["timing"], r.get("health") or {}
         cells = [label(r), r["n"], r["batch_size"] or "-"]
-        cells += [f"{m.get(k, math.nan):.3f}" for k in METRICS]
+        cells += [f"{m.get(k, math.nan):.3f}" for k in names]
+        cells += [_fmt(h.get("perplexity_ratio"), ".3f"), _fmt(h.get("max_delta_rel"), ".3f"),
+                  _fmt(h.get("generation_entropy"), ".2f")]
         cells += [f"{t.get('per_fact_s', 0):.2f}", f"{t.get('values_s', 0):.1f}", f"{t.get('keys_s', 0):.1f}",
                   f"{t.get('solve_s', 0):.1f}", f"{r.get('peak_rss_mb', 0):.0f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def plot_curves(runs: list[dict], path: Path) -> Path | None:
+    """Lifelong curves: efficacy, paraphrase and neighbourhood of all facts edited so far, held-out
+    perplexity relative to the base and the largest ‖W − W_base‖/‖W_base‖, against edits applied."""
+    runs = [r for r in runs if r.get("curve")]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("efficacy", "efficacy (all so far)"), ("paraphrase", "paraphrase (all so far)"),
+              ("neighborhood", "neighbourhood (all so far)"), ("efficacy_acc", "efficacy top-1"),
+              ("ppl", "perplexity / base"), ("norm", "max ‖W−W₀‖/‖W₀‖")]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for ax, (key, title) in zip(axes.flat, panels):
+        for r in runs:
+            xs = [p["edits"] for p in r["curve"]]
+            if key == "ppl":
+                base = (r.get("health") or {}).get("perplexity_base")
+                ys = [p["perplexity"] / base if p.get("perplexity") and base else math.nan for p in r["curve"]]
+            elif key == "norm":
+                ys = [p["max_delta_rel"] for p in r["curve"]]
+            else:
+                ys = [p["metrics"].get(key, math.nan) for p in r["curve"]]
+            ax.plot(xs, ys, marker="o", ms=3, label=f"{label(r)} b={r['batch_size']}")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("edits applied")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"{runs[0].get('dataset', '')}: lifelong editing, {runs[0].get('model', '')}", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot(runs: list[dict], path: Path) -> Path:
@@ -139,9 +318,10 @@ def plot(runs: list[dict], path: Path) -> Path:
     labels = [f"{label(r).replace(' (', chr(10) + '(')}\nb={r['batch_size'] or '-'}" for r in runs]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(8, len(runs) * 0.9), 7),
                                   gridspec_kw={"height_ratios": [3, 1]})
-    width = 0.8 / len(METRICS)
-    for j, k in enumerate(METRICS):
-        xs = [i + (j - len(METRICS) / 2) * width + width / 2 for i in range(len(runs))]
+    names = metric_names(runs)
+    width = 0.8 / len(names)
+    for j, k in enumerate(names):
+        xs = [i + (j - len(names) / 2) * width + width / 2 for i in range(len(runs))]
         ax.bar(xs, [r["metrics"].get(k, math.nan) for r in runs], width, label=k)
     ax.set_xticks(range(len(runs)), labels)
     ax.set_ylim(0, 1.25)

@@ -180,6 +180,15 @@ class LiveModel:
         self.active = sorted(active, key=lambda a: a.seq)
         self.param_shas = {name: weight_sha256(t) for name, t in tensors.items()}
 
+    def norm_growth(self) -> dict[str, float]:
+        """‖W − W_base‖_F / ‖W_base‖_F of every touched parameter (the scheduler's drift signal)."""
+        out = {}
+        for name in sorted(self.param_shas):
+            base = self._base[name].double()
+            cur = self.model.get_parameter(name).detach().double()
+            out[name] = float(torch.linalg.norm(cur - base) / torch.linalg.norm(base))
+        return out
+
     def touched_tensors(self) -> dict[str, torch.Tensor]:
         return {name: self.model.get_parameter(name).detach().clone() for name in sorted(self.param_shas)}
 

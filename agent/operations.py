@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from knowledger.agent import memory as amem
 from knowledger.agent.editing import ensure_stats, open_model
 from knowledger.agent.live import (ActiveDelta, LiveModel, delta_from_factors, expected_state,
                                    factors_from_delta, load_base, lock_path, open_live,
@@ -40,7 +41,8 @@ from knowledger.agent.live import (ActiveDelta, LiveModel, delta_from_factors, e
 from knowledger.agent.lock import WorkspaceLock, fault_point, try_lock
 from knowledger.agent.scheduler import EditSettings
 from knowledger.agent.workspace import Workspace, normalise_model
-from knowledger.editors.editor import Editor
+from knowledger.editors.editor import LIFELONG, Editor
+from knowledger.editors.memory import KeyMemory
 from knowledger.editors.evaluate import aggregate, fact_metrics
 from knowledger.editors.hparams import EditHParams, load_preset, preset_for
 from knowledger.editors.requests import EditRequest
@@ -130,10 +132,28 @@ class EditSession:
     progress: bool = False
     _editors: dict = field(default_factory=dict)
     _stats_key: tuple | None = None
+    _memory: KeyMemory | None = None  # the past-edit memory of the live weights (agent.memory)
 
     def take_seq(self) -> int:
         self.next_seq += 1
         return self.next_seq - 1
+
+    # --- the past-edit memory --------------------------------------------------------------------
+    def memory(self) -> KeyMemory:
+        """Σ k kᵀ of the keys behind the live weights: loaded (or rebuilt) once, then kept in step
+        with every record this session builds; `commit` saves it with the operations."""
+        if self._memory is None:
+            with self.ws.reading() as s:
+                self._memory, rebuilt = amem.load(s, self.live.base_model_id, self.head_seq)
+            if rebuilt:
+                self.notes.append("past-edit memory rebuilt from the ledger's key vectors")
+        return self._memory
+
+    def _track(self, rec: OpRecord) -> None:
+        if rec.after is None or rec.status != OperationStatus.committed:
+            return
+        with self.ws.reading() as s:
+            amem.apply_changes(s, self.memory(), rec.kind, rec.vectors, rec.target_operation_id)
 
     # --- hyperparameters and editors ----------------------------------------------------------
     def hparams(self, recorded: dict | None = None) -> EditHParams:
@@ -175,9 +195,12 @@ class EditSession:
         after = self.live.set_active([a for a in self.live.active if a.operation_id != target_id])
         facts = [FactOutcome(rid, RequestOutcome.reverted, RequestStatus.reverted,
                              f"undone (operation seq {target_seq})") for rid in reverted]
-        return OpRecord(seq=self.take_seq(), kind=OperationKind.undo, base_model_id=self.live.base_model_id,
-                        target_operation_id=target_id, facts=facts, before=before, after=after,
-                        metrics=dict(target_seq=target_seq))
+        rec = OpRecord(seq=self.take_seq(), kind=OperationKind.undo, base_model_id=self.live.base_model_id,
+                       target_operation_id=target_id, facts=facts, before=before, after=after,
+                       metrics=dict(target_seq=target_seq,
+                                    norm_growth=max(self.live.norm_growth().values(), default=0.0)))
+        self._track(rec)
+        return rec
 
     def edit_batch(self, rows: list[Request], method: str, hp: EditHParams, *,
                    kind: OperationKind = OperationKind.apply, target: tuple[int, int] | None = None,
@@ -196,7 +219,7 @@ class EditSession:
         todo, attempts, result, after = list(reqs), 0, None, []
         while todo:
             attempts += 1
-            result = editor.compute(todo)
+            result = editor.compute(todo, memory=self.memory() if method in LIFELONG else None)
             deltas = [stored_delta(d) for d in result.deltas]
             live.set_active(start + [ActiveDelta(self.next_seq, -1, d) for d in deltas])
             t = time.perf_counter()
@@ -248,13 +271,15 @@ class EditSession:
                 for j, r in enumerate(todo):
                     rec.vectors.append(repo.FactVectors(r.id, layer, K[:, j].float().numpy(),
                                                         V[:, j].float().numpy()))
+        self._track(rec)
         timings = dict(result.timings) if result is not None else {}
         timings.update(eval_s=eval_s, attempts=attempts, total_s=time.perf_counter() - t0)
         rec.timings = _clean(timings)
         rec.metrics = _clean(dict(
             criterion=CRITERION, target_seq=target[1] if target else None,
             before=aggregate(before), after=aggregate(after) if result is not None else None,
-            failed=sorted(failed), stats=dict(corpus=self.settings.stats_corpus,
+            failed=sorted(failed), norm_growth=max(live.norm_growth().values(), default=0.0),
+            stats=dict(corpus=self.settings.stats_corpus,
                                               tokens=hp.stats_tokens),
             diagnostics={k: v for k, v in (result.diagnostics if result else {}).items()}))
         return rec
@@ -268,7 +293,7 @@ class EditSession:
         live.set_active(live.active + [ActiveDelta(seq, -1, delta_from_factors(f)) for f in factors])
         after = fact_metrics(live.model, live.tokenizer, edit_requests(rows))
         ids = {r.id for r in rows}
-        return OpRecord(
+        rec = OpRecord(
             seq=seq, kind=OperationKind.redo, base_model_id=live.base_model_id,
             target_operation_id=op.id, editor=op.editor, distribution=op.distribution,
             hparams=op.hparams_json, deltas=factors, before=before, after=live.state_hash,
@@ -278,7 +303,10 @@ class EditSession:
                                               dict(after=m))) for r, m in zip(rows, after)],
             timings=dict(total_s=time.perf_counter() - t0),
             metrics=_clean(dict(criterion=CRITERION, target_seq=op.seq, reused_deltas=True,
-                                after=aggregate(after))))
+                                after=aggregate(after),
+                                norm_growth=max(live.norm_growth().values(), default=0.0))))
+        self._track(rec)
+        return rec
 
     # --- writing -------------------------------------------------------------------------------------
     def commit(self, records: list[OpRecord], *, new_base: dict | None = None) -> None:
@@ -307,6 +335,9 @@ class EditSession:
                     if f.status is not None:
                         repo.set_request_status(s, repo.get_request(s, f.request_id), f.status,
                                                 reason=f.reason, operation_id=op.id)
+            changed = [r.seq for r in records if r.after is not None and r.status == OperationStatus.committed]
+            if changed:  # the memory of the live weights, stamped with the new head, same transaction
+                amem.save(s, base_id or self.live.base_model_id, self.memory(), max(changed))
         fault_point("after-ledger-commit-before-snapshot")
         live = self.live
         if base_id is not None:
@@ -358,18 +389,33 @@ def plan_pending(ws: Workspace, *, batch_size: int | None = None, editor: str = 
                  corpus=None, stats_tokens: int | None = None, overrides: dict | None = None,
                  preset: str | None = None):
     """(plan, settings with the given values in, their changes, {id: PendingFact})."""
-    from knowledger.agent.scheduler import PendingFact, plan
+    from knowledger.agent.scheduler import History, PendingFact, plan
 
     with ws.reading() as s:
         settings = EditSettings.load(s)
         pending = [PendingFact(r.id, r.prompt, r.subject, r.target_new) for r in repo.pending_requests(s)]
+        history = workspace_history(s)
     settings, changes = settings.updated(corpus=corpus, stats_tokens=stats_tokens,
                                          overrides=overrides, preset=preset)
     if not pending:
         raise NothingToDo("nothing pending to apply: submit facts first (knowledger submit)")
     p = plan(pending, batch_size=batch_size or settings.batch_size, editor=editor,
-             memit_min_batch=settings.auto_memit_min_batch)
+             memit_min_batch=settings.auto_memit_min_batch, history=history, settings=settings)
     return p, settings, changes, {f.id: f for f in pending}
+
+
+def workspace_history(s):
+    """What the scheduler's `auto` policy reads: applied facts, and the norm growth the latest
+    weight-changing operation recorded (agent.scheduler.History)."""
+    from knowledger.agent.scheduler import History
+
+    base = repo.current_base_model(s)
+    if base is None:
+        return History()
+    applied = repo.count_requests_by_status(s).get(RequestStatus.applied.value, 0)
+    head = repo.head_operation(s, base.id)
+    growth = ((head.metrics_json or {}).get("norm_growth") if head is not None else None) or 0.0
+    return History(active_edits=int(applied), norm_growth=float(growth))
 
 
 def apply_pending(ws: Workspace, *, batch_size: int | None = None, editor: str = "auto",
@@ -586,11 +632,13 @@ def replay(ws: Workspace, *, to_seq: int | None = None) -> dict:
                 live.set_active(active)
                 live.write_snapshot(snapshot_path(ws.location), head_seq)
                 refreshed = True
+                with ws.writing() as s:  # the past-edit memory, rebuilt from the surviving keys
+                    amem.save(s, base_id, amem.rebuild(s, base_id), head_seq)
             finally:
                 lock.release()
     return dict(base_model=name, to_seq=to_seq, operations=rows, mismatches=mismatches,
                 weights_sha256=state, head_seq=head_seq if to_seq is None else to_seq,
-                snapshot_refreshed=refreshed)
+                snapshot_refreshed=refreshed, memory_rebuilt=refreshed)
 
 
 def replay_recompute(ws: Workspace, *, model: str | None = None, wait: bool = False,
@@ -617,6 +665,7 @@ def replay_recompute(ws: Workspace, *, model: str | None = None, wait: bool = Fa
             raise KnowledgerError(f"cannot load model {name}: {e}") from e
         same = lm.weights_sha256 == old_sha
         es.live = LiveModel(lm, None, lm.weights_sha256)
+        es._memory = KeyMemory()  # a new lineage starts with no past edits
         new_base = dict(name_or_path=name, architecture=str(lm.model.config.model_type),
                         weights_sha256=lm.weights_sha256,
                         config=json.loads(lm.model.config.to_json_string(use_diff=False)))

@@ -16,8 +16,14 @@ dependent as the batch approaches the key width (1536 here), where MEMIT's least
 gracefully; 256 is a sixth of that width, beyond what was measured. ROME and PMET only when
 asked; ROME edits one fact per batch.
 
+Lifelong policy. `auto` switches to the workspace's `lifelong_editor` (AlphaEdit or ENCORE, which
+keep earlier edits through the past-edit memory) once the workspace holds `lifelong_min_active`
+applied facts, or once the most-changed edited layer has drifted by `lifelong_norm_growth`
+(‖W − W_base‖_F / ‖W_base‖_F, recorded by every operation) — whichever comes first. The
+evidence for the defaults is in docs/lifelong.md (1,000 sequential CounterFact edits).
+
 Workspace settings (ledger `settings` table, see `EditSettings`): batch_size,
-auto_memit_min_batch, and what the key statistics and hyperparameters are made of (stats_corpus,
+auto_memit_min_batch, lifelong_min_active, lifelong_norm_growth, lifelong_editor, and what the key statistics and hyperparameters are made of (stats_corpus,
 stats_tokens, hparams_preset, hparams_overrides). Values given to `apply` are stored, so every
 later apply, undo, redo and replay uses the same statistics and hyperparameters.
 """
@@ -30,15 +36,30 @@ from typing import Any
 
 from knowledger.ledger import repository as repo
 
-EDITOR_CHOICES = ("auto", "emmet", "memit", "rome", "pmet")
+EDITOR_CHOICES = ("auto", "emmet", "memit", "rome", "pmet", "alphaedit", "encore")
+LIFELONG_EDITORS = ("alphaedit", "encore")
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MEMIT_MIN_BATCH = 256  # see the module docstring and docs/benchmarks.md
+DEFAULT_LIFELONG_MIN_ACTIVE = 300  # see the module docstring and docs/lifelong.md
+DEFAULT_LIFELONG_NORM_GROWTH = 0.05  # ‖W − W_base‖_F / ‖W_base‖_F of the most-changed edited layer
+DEFAULT_LIFELONG_EDITOR = "alphaedit"
+
+
+@dataclass(frozen=True)
+class History:
+    """What the scheduler knows of a workspace's past: active edits and the weights' drift."""
+
+    active_edits: int = 0  # facts currently applied
+    norm_growth: float = 0.0  # max over edited layers of ‖W − W_base‖_F / ‖W_base‖_F
 
 
 @dataclass(frozen=True)
 class EditSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     auto_memit_min_batch: int = DEFAULT_MEMIT_MIN_BATCH
+    lifelong_min_active: int = DEFAULT_LIFELONG_MIN_ACTIVE
+    lifelong_norm_growth: float = DEFAULT_LIFELONG_NORM_GROWTH
+    lifelong_editor: str = DEFAULT_LIFELONG_EDITOR
     stats_corpus: str | None = None  # absolute path; None: text sampled from the base model
     stats_tokens: int | None = None  # None: the hyperparameters' stats_tokens
     hparams_preset: str | None = None  # None: the model family's preset
@@ -117,20 +138,33 @@ def resolve_conflicts(facts: list[PendingFact]) -> tuple[list[PendingFact], list
     return [f for f in sorted(facts, key=lambda f: f.id) if f.id in keep_ids], superseded
 
 
-def choose_editor(n: int, requested: str, memit_min_batch: int) -> tuple[str, str]:
-    """(editor, reason) for a batch of n facts."""
+def choose_editor(n: int, requested: str, memit_min_batch: int, history: History | None = None,
+                  settings: EditSettings | None = None) -> tuple[str, str]:
+    """(editor, reason) for a batch of n facts, given the workspace's history."""
     if requested not in EDITOR_CHOICES:
         raise ValueError(f"unknown editor {requested!r} (choose from {', '.join(EDITOR_CHOICES)})")
     if requested != "auto":
         return requested, "asked for"
+    st = settings or EditSettings()
+    h = history or History()
+    if h.active_edits >= st.lifelong_min_active:
+        return st.lifelong_editor, (f"auto: {h.active_edits} active edits ≥ lifelong_min_active "
+                                    f"{st.lifelong_min_active}")
+    if h.norm_growth >= st.lifelong_norm_growth:
+        return st.lifelong_editor, (f"auto: weight drift {h.norm_growth:.3f} ≥ lifelong_norm_growth "
+                                    f"{st.lifelong_norm_growth}")
     if n >= memit_min_batch:
         return "memit", f"auto: {n} facts ≥ auto_memit_min_batch {memit_min_batch}"
     return "emmet", f"auto: {n} facts < auto_memit_min_batch {memit_min_batch}"
 
 
 def plan(facts: list[PendingFact], *, batch_size: int, editor: str = "auto",
-         memit_min_batch: int = DEFAULT_MEMIT_MIN_BATCH) -> Plan:
-    """Resolve conflicts, cut the survivors into batches and pick each batch's editor."""
+         memit_min_batch: int = DEFAULT_MEMIT_MIN_BATCH, history: History | None = None,
+         settings: EditSettings | None = None) -> Plan:
+    """Resolve conflicts, cut the survivors into batches and pick each batch's editor.
+
+    The history's active edits grow by each planned batch (a long apply switches to the lifelong
+    editor part-way); its norm growth is the one measured before the apply."""
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     choose_editor(1, editor, memit_min_batch)  # validates the name
@@ -139,7 +173,9 @@ def plan(facts: list[PendingFact], *, batch_size: int, editor: str = "auto",
     batches = []
     for i in range(0, len(kept), size):
         ids = tuple(f.id for f in kept[i:i + size])
-        name, reason = choose_editor(len(ids), editor, memit_min_batch)
+        h = replace(history or History(), active_edits=(history or History()).active_edits
+                    + sum(len(b.fact_ids) for b in batches))
+        name, reason = choose_editor(len(ids), editor, memit_min_batch, h, settings)
         if editor == "rome" and batch_size != 1:
             reason += " (ROME edits one fact per batch)"
         batches.append(PlannedBatch(index=len(batches) + 1, editor=name, fact_ids=ids, reason=reason))

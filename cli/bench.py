@@ -31,13 +31,20 @@ def _bench_command(dataset: str):
     @click.option("--n", "n", type=click.IntRange(1), default=100, show_default=True, help="Facts to edit.")
     @click.option("--offset", type=click.IntRange(0), default=0, help="Skip this many valid facts first.")
     @click.option("--batch-size", type=click.IntRange(1), default=10, show_default=True)
-    @click.option("--editor", type=click.Choice(EDITORS + ("none",)), default="emmet", show_default=True,
-                  help="'none' measures the unedited model (the baseline row).")
+    @click.option("--editor", type=click.Choice(("auto",) + EDITORS + ("none",)), default="emmet",
+                  show_default=True, help="'none' measures the unedited model (the baseline row); "
+                  "'auto' picks per batch as the scheduler would.")
+    @click.option("--sequential/--independent", default=True, show_default=True,
+                  help="Batches pile up on the same weights (lifelong), or each starts from the unedited model.")
+    @click.option("--curve-points", type=click.IntRange(1), default=10, show_default=True,
+                  help="How often (about) all facts edited so far are re-evaluated, with perplexity and norms.")
+    @click.option("--heldout-tokens", type=click.IntRange(0), default=8192, show_default=True,
+                  help="Held-out corpus tokens for perplexity (after the statistics' tokens); 0 skips it.")
     @click.option("--out", type=click.Path(dir_okay=False), help="Write the run's JSON here.")
     @click.option("--json", "as_json", is_flag=True, help="Print the JSON instead of the table.")
     @main_errors
     def command(model_name, corpus, stats_tokens, preset, sets, data, n, offset, batch_size, editor,
-                out, as_json):
+                sequential, curve_points, heldout_tokens, out, as_json):
         from knowledger.agent import bench as B
         from knowledger.agent.editing import open_model, resolve_hparams
 
@@ -50,13 +57,14 @@ def _bench_command(dataset: str):
         lm = open_model(model_name)
         hp = resolve_hparams(lm, preset, overrides)
         if editor == "none":
-            record = B.baseline(lm, requests)
+            record = B.baseline(lm, requests, hp=hp, corpus=corpus, heldout_tokens=heldout_tokens)
         else:
             if editor == "rome" and batch_size != 1:
                 raise click.BadParameter("ROME edits one fact at a time: use --batch-size 1",
                                          param_hint="--batch-size")
             record = B.run(lm, requests, editor=editor, batch_size=batch_size, hp=hp, corpus=corpus,
-                           progress=not as_json)
+                           progress=not as_json, sequential=sequential, curve_points=curve_points,
+                           heldout_tokens=heldout_tokens)
         record.update(dataset=dataset, data=str(data), offset=offset, skipped_invalid=skipped,
                       model=lm.name, weights_sha256=lm.weights_sha256, corpus=corpus,
                       command="knowledger " + " ".join(sys.argv[1:]) if sys.argv else None)
@@ -79,8 +87,10 @@ zsre = _bench_command("zsre")
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--md", type=click.Path(dir_okay=False), help="Write the Markdown table here.")
 @click.option("--png", type=click.Path(dir_okay=False), help="Write a bar chart of the metrics here.")
+@click.option("--curves", type=click.Path(dir_okay=False),
+              help="Write the lifelong curves (metrics, perplexity, norm growth vs edits) here.")
 @main_errors
-def table(results, md, png):
+def table(results, md, png, curves):
     """Combine benchmark JSON files into one Markdown table (and a PNG chart).
 
     Example: knowledger bench table bench/results/*.json --md bench/results/table.md --png bench/results/metrics.png
@@ -88,10 +98,13 @@ def table(results, md, png):
     from knowledger.agent import bench as B
 
     runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in results]
-    runs.sort(key=lambda r: (r["editor"] != "none (unedited)", r["editor"], r["batch_size"]))
+    order = {"none (unedited)": 0, "memit": 1, "emmet": 2, "alphaedit": 3, "encore": 4, "auto": 5}
+    runs.sort(key=lambda r: (order.get(r["editor"], 6), r["editor"], r["batch_size"]))
     text = B.markdown_table(runs)
     if md:
         Path(md).write_text(text + "\n", encoding="utf-8")
     if png:
         B.plot(runs, Path(png))
+    if curves and B.plot_curves(runs, Path(curves)) is None:
+        click.echo("no run has curves (sequential runs record them)", err=True)
     click.echo(text)

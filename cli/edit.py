@@ -8,7 +8,7 @@ import click
 from .common import echo_json, main_errors
 from .main import cli
 
-EDITORS = ("emmet", "memit", "rome", "pmet")
+EDITORS = ("emmet", "memit", "rome", "pmet", "alphaedit", "encore")
 
 
 def parse_sets(pairs: tuple[str, ...]) -> dict:

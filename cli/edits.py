@@ -57,7 +57,7 @@ def _print_head(report: dict) -> None:
 @cli.command()
 @click.option("--batch-size", type=click.IntRange(min=1), help="Facts per batch [default: the "
               "workspace setting batch_size, 16].")
-@click.option("--editor", type=click.Choice(["auto", "emmet", "memit", "rome", "pmet"]), default="auto",
+@click.option("--editor", type=click.Choice(["auto", "emmet", "memit", "rome", "pmet", "alphaedit", "encore"]), default="auto",
               show_default=True, help="auto: EMMET below auto_memit_min_batch facts, MEMIT from it on.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (batches, editors, facts); change nothing.")
 @click.option("--corpus", type=click.Path(exists=True, dir_okay=False),
@@ -86,6 +86,7 @@ def apply(batch_size, editor, dry_run, corpus, stats_tokens, sets, preset, wait,
         report = apply_pending(ws, batch_size=batch_size, editor=editor, dry_run=dry_run, corpus=corpus,
                                stats_tokens=stats_tokens, overrides=parse_sets(sets), preset=preset,
                                wait=wait)
+        _periodic_audit(ws, report)
     if as_json:
         _notes(report)
         echo_json(report)
@@ -104,6 +105,26 @@ def apply(batch_size, editor, dry_run, corpus, stats_tokens, sets, preset, wait,
         return
     _print_operations(report["operations"])
     _print_head(report)
+    if report.get("audit"):
+        from knowledger.cli.audit import print_audit
+
+        click.echo(f"Periodic audit (audit_every {report['audit']['due']['audit_every']}):")
+        print_audit(report["audit"])
+
+
+def _periodic_audit(ws, report: dict) -> None:
+    """The audit `audit_every` asks for (agent.audit.audit_after_apply), in report["audit"]. Its
+    outcome does not change apply's exit status; an error in it is a note, not a failure."""
+    from knowledger.agent.audit import audit_after_apply
+    from knowledger.ledger.errors import KnowledgerError
+
+    try:
+        result = audit_after_apply(ws, report)
+    except (KnowledgerError, ValueError, RuntimeError) as e:
+        report.setdefault("notes", []).append(f"the periodic audit failed: {e}")
+        return
+    if result is not None:
+        report["audit"] = result
 
 
 def _one_target(fact_id, seq) -> None:
@@ -144,7 +165,7 @@ def undo(fact_id, seq, rebase, wait, db, as_json):
 
     Example: knowledger undo 12   (or: knowledger undo --op 3 --rebase)
     """
-    from knowledger.agent.operations import undo as undo_api
+    from knowledger.agent.heal import undo as undo_api  # operations.undo, heal-aware
 
     _run_on_target(undo_api, db, as_json, fact_id, seq, rebase=rebase, wait=wait)
 
@@ -163,7 +184,7 @@ def redo(fact_id, seq, wait, db, as_json):
 
     Example: knowledger redo 12
     """
-    from knowledger.agent.operations import redo as redo_api
+    from knowledger.agent.heal import redo as redo_api  # operations.redo, refusing heals
 
     _run_on_target(redo_api, db, as_json, fact_id, seq, wait=wait)
 

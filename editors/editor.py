@@ -1,4 +1,4 @@
-"""Locate-then-edit editors behind one interface: MEMIT, EMMET, ROME and PMET.
+"""Locate-then-edit editors behind one interface: MEMIT, EMMET, ROME, PMET, AlphaEdit and ENCORE.
 
 They share everything but the solve (STYLE.md): context prefixes, target values v*
 (editors.values), keys, and the spread of the residual over the edited layers (editors.distribute).
@@ -6,6 +6,13 @@ They share everything but the solve (STYLE.md): context prefixes, target values 
     editor = Editor(model, tokenizer, hparams, method="emmet", second_moments=C)
     result = editor.compute(requests)           # EditResult; the model is left untouched
     apply_deltas(model, editor.spec, result.deltas)
+
+The lifelong editors take the past-edit memory (editors.memory.KeyMemory, Σ K_p K_pᵀ per layer):
+`editor.compute(requests, memory=mem)`; the caller adds the result's keys to it after applying.
+AlphaEdit projects onto the null space of C (cached beside the statistics, editors.stats);
+ENCORE stops the v* optimisation on the most-probable criterion alone (MPES: target_new top-1 on
+every prompt for `early_stop_patience` steps; the loss threshold is ignored) and adds a
+Frobenius-norm penalty to MEMIT's solve.
 
 The layer loop (MEMIT §4.3): for each edited layer l_i in ascending order, recompute the keys at
 l_i and the current output of the last edited layer L with the updates of the earlier layers in
@@ -27,11 +34,13 @@ from .hparams import EditHParams
 from .model_spec import spec_for
 from .requests import EditRequest
 from .result import EditResult, LayerDelta
-from .solvers import CovSolver, emmet_delta, memit_delta
+from .memory import KeyMemory
+from .solvers import CovSolver, alphaedit_delta, emmet_delta, encore_delta, memit_delta
 from .tokens import encode_with_subject, pad_id, pad_right
 from .values import context_prefixes, optimise_values
 
-METHODS = ("memit", "emmet", "rome", "pmet")
+METHODS = ("memit", "emmet", "rome", "pmet", "alphaedit", "encore")
+LIFELONG = ("alphaedit", "encore")  # the editors that read the past-edit memory
 
 
 class Editor:
@@ -55,6 +64,7 @@ class Editor:
         if missing:
             raise ValueError(f"no key statistics for layer(s) {missing}")
         self._solvers: dict[int, CovSolver] = {}
+        self._null: dict[int, tuple[torch.Tensor, dict]] = {}
         self._contexts: list[str] | None = None
         self._weights_sha = weights_sha  # lets the context prefixes be cached on disk
 
@@ -70,9 +80,37 @@ class Editor:
             self._solvers[layer] = CovSolver(self.second_moments[layer], lam=self.hp.mom2_weight)
         return self._solvers[layer]
 
+    def null_space(self, layer: int) -> tuple[torch.Tensor, dict]:
+        """AlphaEdit's null-space basis Û (d_in, r) of layer's C, and its info (cached on disk)."""
+        if layer not in self._null:
+            from .stats import null_space
+            self._null[layer] = null_space(self.second_moments[layer], self.hp.alphaedit_null_threshold,
+                                           self.hp.alphaedit_null_scale)
+        return self._null[layer]
+
+    def _solve(self, layer: int, K, R, W, memory: KeyMemory | None):
+        past = memory.get(layer) if memory is not None else None
+        if self.method == "memit":
+            return memit_delta(K, R, self.solver(layer), W=W)
+        if self.method == "alphaedit":
+            basis, info = self.null_space(layer)
+            alpha = self.hp.alphaedit_l2 * info["null_mean_energy"]
+            left, right, diag = alphaedit_delta(K, R, basis, alpha, memory=past, W=W)
+            diag.update(null_energy=info["null_energy"])
+            return left, right, diag
+        if self.method == "encore":
+            C = self.second_moments[layer]
+            lam = self.hp.mom2_weight
+            alpha = self.hp.encore_alpha * lam * float(C.diagonal().double().mean())
+            return encore_delta(K, R, C, lam, alpha, memory=past, W=W)
+        return emmet_delta(K, R, self.solver(layer), self.hp.emmet_ridge, W=W)
+
     # --------------------------------------------------------------------------------------------
-    def compute(self, requests: list[EditRequest], progress: Callable | None = None) -> EditResult:
-        """Deltas for a batch of facts. Never leaves the model changed."""
+    def compute(self, requests: list[EditRequest], progress: Callable | None = None, *,
+                memory: KeyMemory | None = None) -> EditResult:
+        """Deltas for a batch of facts. Never leaves the model changed.
+
+        memory: the past edits' keys (lifelong editors only; others ignore it)."""
         if not requests:
             raise ValueError("no facts to edit")
         if self.method == "rome" and len(requests) != 1:
@@ -83,8 +121,9 @@ class Editor:
         timings["contexts_s"] = time.perf_counter() - t0
 
         t = time.perf_counter()
+        hp = self.hp.replace(early_stop_loss=0.0) if self.method == "encore" else self.hp  # MPES
         with torch.enable_grad():
-            targets = optimise_values(self.model, self.tokenizer, self.spec, requests, self.hp,
+            targets = optimise_values(self.model, self.tokenizer, self.spec, requests, hp,
                                       contexts, pmet=self.method == "pmet", progress=progress)
         timings["values_s"] = time.perf_counter() - t
 
@@ -106,10 +145,7 @@ class Editor:
                 t = time.perf_counter()
                 R = (z - cur).T.double() * self.distribution.share(i, len(self.layers))  # (d, n)
                 W = self.spec.to_math(self.spec.edited_weight(self.model, layer)).detach().double()  # (d, d_in)
-                if self.method == "memit":
-                    left, right, diag = memit_delta(K, R, self.solver(layer), W=W)
-                else:
-                    left, right, diag = emmet_delta(K, R, self.solver(layer), self.hp.emmet_ridge, W=W)
+                left, right, diag = self._solve(layer, K, R, W, memory)
                 delta = LayerDelta(layer=layer, param=self.spec.weight_name(layer), left=left, right=right)
                 result.deltas.append(delta)
                 result.keys[layer] = K.float()  # (d_in, n)

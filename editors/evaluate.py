@@ -5,7 +5,9 @@ Literature conventions (ROME/MEMIT; ../shared/data/README.md):
 - paraphrase: the same on paraphrase prompts;
 - neighbourhood: P(expected answer) > P(target_new) on unrelated prompts about other subjects;
 - "_acc" variants: target_new (resp. the expected answer) is the greedy continuation, every token
-  of it top-1 under teacher forcing.
+  of it top-1 under teacher forcing;
+- "_token_acc" variants: the fraction of the target's tokens that are top-1 under teacher forcing
+  (zsRE's token accuracy, MEND/ROME convention; for neighbourhood prompts, of the expected answer).
 P(target) of a multi-token target is the geometric mean of its token probabilities (mean log-prob).
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Score:
     logprob: float  # mean log-probability of the target's tokens
     top1: bool  # every target token is the argmax under teacher forcing
     rank: int  # rank of the target's first token (0 = top)
+    token_acc: float = 0.0  # fraction of the target's tokens that are top-1 (zsRE's token accuracy)
 
 
 @torch.no_grad()
@@ -33,6 +36,7 @@ def score(model, tokenizer, items: list[tuple[str, str]], batch_size: int = 64) 
     """Score (prompt, target) pairs; the prompt is full text, target a continuation."""
     spec = spec_for(model)
     base = model.get_submodule(spec.base)
+    device = next(model.parameters()).device
     out: list[Score] = []
     for s in range(0, len(items), batch_size):
         chunk = items[s : s + batch_size]
@@ -44,24 +48,33 @@ def score(model, tokenizer, items: list[tuple[str, str]], batch_size: int = 64) 
                 pos.append((j, len(p_ids) - 1 + k)); tgt.append(t); owner.append(j)
             rows.append(list(p_ids) + t_ids[:-1])
         batch = pad_right(rows, [0] * len(rows), pad_id(tokenizer))
-        hidden = base(input_ids=batch.ids, attention_mask=torch.ones_like(batch.ids),
+        ids = batch.ids.to(device)  # (B, T), on the model's device (an audit runs on CUDA)
+        hidden = base(input_ids=ids, attention_mask=torch.ones_like(ids),
                       use_cache=False).last_hidden_state  # (B, T, d)
-        r = torch.tensor([p[0] for p in pos]); c = torch.tensor([p[1] for p in pos])
+        r = torch.tensor([p[0] for p in pos], device=device)
+        c = torch.tensor([p[1] for p in pos], device=device)
         logp = F.log_softmax(unembed(model, hidden[r, c]).float(), dim=-1)  # (m, V)
-        t = torch.tensor(tgt)
+        t = torch.tensor(tgt, device=device)
         lp = logp.gather(1, t[:, None]).squeeze(1)  # (m,)
         hit = logp.argmax(-1) == t
         rank = (logp > lp[:, None]).sum(-1)  # (m,)
+        lp, hit, rank = lp.cpu(), hit.cpu(), rank.cpu()  # one transfer per batch, not per item
         owner_t = torch.tensor(owner)
         for j in range(len(chunk)):
             sel = owner_t == j
             first = int(sel.nonzero()[0])
-            out.append(Score(float(lp[sel].mean()), bool(hit[sel].all()), int(rank[first])))
+            out.append(Score(float(lp[sel].mean()), bool(hit[sel].all()), int(rank[first]),
+                             float(hit[sel].float().mean())))
     return out
 
 
 def fact_metrics(model, tokenizer, requests: list[EditRequest], batch_size: int = 64) -> list[dict]:
-    """Per fact: the CounterFact metrics (fractions over its prompts) and P(target_new)."""
+    """Per fact: the CounterFact metrics (fractions over its prompts) and P(target_new).
+
+    On the rewrite prompt also `rewrite_rank` (rank of target_new's first token, 0 = top) and,
+    with a target_true, `rewrite_p_true` and `rewrite_margin` = mean log P(target_new) − mean
+    log P(target_true), in nats: what agent.audit compares with the value recorded at apply time.
+    """
     items: list[tuple[str, str]] = []
     groups: list[tuple[int, str, dict[str, int]]] = []  # (fact, kind, {"new"|"true": item index})
 
@@ -86,11 +99,18 @@ def fact_metrics(model, tokenizer, requests: list[EditRequest], batch_size: int 
         new, true = scores[idx["new"]], scores[idx["true"]] if "true" in idx else None
         acc = per[f].setdefault(kind, [])
         if kind == "neighborhood":  # the expected answer must stay ahead of target_new
-            acc.append({kind: true.logprob > new.logprob, f"{kind}_acc": true.top1})
+            acc.append({kind: true.logprob > new.logprob, f"{kind}_acc": true.top1,
+                        f"{kind}_token_acc": true.token_acc})
         else:
-            row = {f"{kind}_acc": new.top1, f"{kind}_p_new": float(torch.tensor(new.logprob).exp())}
+            row = {f"{kind}_acc": new.top1, f"{kind}_p_new": float(torch.tensor(new.logprob).exp()),
+                   f"{kind}_token_acc": new.token_acc}
+            if kind == "rewrite":  # what an audit compares with the values recorded at apply time
+                row["rewrite_rank"] = new.rank
             if true is not None:
                 row[kind] = new.logprob > true.logprob
+                if kind == "rewrite":
+                    row["rewrite_p_true"] = float(torch.tensor(true.logprob).exp())
+                    row["rewrite_margin"] = new.logprob - true.logprob
             acc.append(row)
     out = []
     for f in range(len(requests)):
@@ -105,6 +125,7 @@ def fact_metrics(model, tokenizer, requests: list[EditRequest], batch_size: int 
 def aggregate(per_fact: list[dict]) -> dict[str, float]:
     """Mean of each metric over the facts that have it; names as in the benchmark JSON."""
     rename = {"rewrite": "efficacy", "rewrite_acc": "efficacy_acc", "rewrite_p_new": "efficacy_p_new",
+              "rewrite_token_acc": "efficacy_token_acc",
               "paraphrase_p_new": "paraphrase_p_new"}
     keys = sorted({k for m in per_fact for k in m})
     return {rename.get(k, k): _mean([m[k] for m in per_fact if k in m]) for k in keys}

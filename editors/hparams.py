@@ -39,6 +39,12 @@ class EditHParams:
     stats_tokens: int = 100_000  # tokens of corpus text for C
     stats_dtype: Literal["float32", "float64"] = "float32"
 
+    # --- lifelong editors (past-edit memory M = Σ K_p K_pᵀ; editors.memory) -------------------
+    alphaedit_null_threshold: float = 2e-2  # AlphaEdit: how much of C's spectrum counts as null
+    alphaedit_null_scale: Literal["energy", "max"] = "max"  # ... as a fraction of λ_max or of tr(C)
+    alphaedit_l2: float = 0.1  # AlphaEdit's α, relative to E‖P k‖² of corpus keys (scale-free)
+    encore_alpha: float = 0.1  # ENCORE's Frobenius-norm weight α, relative to mean diag(λC)
+
     # --- PMET ----------------------------------------------------------------------------------
     pmet_attn_weight: float = 1.0  # weight of the attention-output part of the optimised change
 
@@ -51,12 +57,18 @@ class EditHParams:
         if min(layers) < 0:
             raise ValueError(f"hparams.layers must be non-negative: {layers}")
         object.__setattr__(self, "layers", layers)
-        for name in ("v_lr", "v_clamp_norm_factor", "mom2_weight"):
+        for name in ("v_lr", "v_clamp_norm_factor", "mom2_weight", "alphaedit_l2"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"hparams.{name} must be > 0")
         for name in ("v_steps", "n_context", "stats_tokens", "early_stop_patience", "v_batch"):
             if getattr(self, name) < (0 if name == "n_context" else 1):
                 raise ValueError(f"hparams.{name} is out of range: {getattr(self, name)}")
+        if not 0 < self.alphaedit_null_threshold < 1:
+            raise ValueError("hparams.alphaedit_null_threshold must be in (0, 1)")
+        if self.alphaedit_null_scale not in ("energy", "max"):
+            raise ValueError(f"unknown alphaedit_null_scale {self.alphaedit_null_scale!r} (energy, max)")
+        if self.encore_alpha < 0:
+            raise ValueError("hparams.encore_alpha must be ≥ 0")
         if self.distribution not in ("uniform", "last"):
             raise ValueError(f"unknown distribution {self.distribution!r} (uniform, last)")
 

@@ -182,3 +182,44 @@ def _save(path: Path, key: dict, tensor: torch.Tensor, count: int) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_NULL_KIND = "knowledger.null_space_basis"
+
+
+def null_space(C: torch.Tensor, threshold: float, scale: str = "energy", *,
+               cache_dir: str | os.PathLike | None = None, cache: bool = True) -> tuple[torch.Tensor, dict]:
+    """AlphaEdit's null-space basis Û of C (editors.solvers.null_space_basis), cached beside the
+    statistics: it depends only on C (hence on the base weights and the corpus) and the threshold.
+
+    Keyed by the sha256 of C's bytes, the threshold and the scale; an eigendecomposition of a
+    1536×1536 C takes about a second here, per layer, so each process would otherwise redo it.
+    """
+    from .solvers import null_space_basis
+
+    Cc = C.detach().contiguous().cpu()
+    sha = hashlib.sha256(Cc.numpy().tobytes()).hexdigest()
+    key = dict(kind=_NULL_KIND, version=1, c_sha256=sha, c_dtype=str(Cc.dtype),
+               threshold=float(threshold), scale=scale)
+    path = (Path(cache_dir) if cache_dir is not None else cache_root() / "stats") / _file_name(key)
+    if cache and path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if json.loads(meta.get("key", "null")) == key:
+                    return f.get_tensor("mom2"), json.loads(meta["info"])
+        except Exception as e:  # unreadable: recompute
+            log.warning("null-space cache %s is unreadable (%s): recomputing", path.name, e)
+    basis, info = null_space_basis(Cc, threshold, scale=scale)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"mom2": basis.contiguous()}, tmp,
+                      metadata={"key": _key_json(key), "info": json.dumps(info)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return basis, info

@@ -6,8 +6,10 @@ The whole lifecycle of a knowledge edit is modelled here, so later work adds beh
                        │    └──< request_vectors       (the keys k and values v* it used)
                        └──< operation_requests >── edit_requests ─< request_events
     audit_runs ─< audit_results >── edit_requests       settings (key → JSON)
+    base_models ─< edit_memory                          (Σ k kᵀ of the active edits, per layer)
 
-Append-only: no row is ever deleted. Undo, redo, replay and healing add operations and change
+Append-only: no row is ever deleted. `edit_memory` and `settings` are the two running states that
+are updated in place; edit_memory is derived from request_vectors and can always be rebuilt. Undo, redo, replay and healing add operations and change
 statuses; every status change of a fact also appends a `request_events` row (its history).
 Times are UTC. Alembic's env.py imports `Base.metadata` from here, so this module imports nothing
 heavier than SQLAlchemy.
@@ -231,6 +233,27 @@ class AuditResult(Base):
     request_id: Mapped[int] = mapped_column(ForeignKey("edit_requests.id"), index=True)
     metrics_json: Mapped[dict | None]
     drifted: Mapped[bool] = mapped_column(default=False)
+
+
+class EditMemory(Base):
+    """The past-edit memory of one edited layer: M = Σ k kᵀ over the keys of every active edit.
+
+    Updated in the same transaction as each operation that changes the active set (apply, redo,
+    replay, heal add their keys; undo subtracts its target's), so it always matches the ledger
+    head `as_of_seq`; derived from request_vectors, it is rebuilt from them when it does not.
+    """
+
+    __tablename__ = "edit_memory"
+    __table_args__ = (UniqueConstraint("base_model_id", "layer"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    layer: Mapped[int]
+    matrix: Mapped[bytes] = mapped_column(LargeBinary)  # (d_in, d_in) float64, safetensors bytes
+    n_keys: Mapped[int]  # keys summed into it
+    as_of_seq: Mapped[int]  # operations.seq of the last operation it reflects
+    sha256: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class Setting(Base):

@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session
 from knowledger.ledger import blobs
 from knowledger.ledger.errors import NotFound
 from knowledger.ledger.facts import Fact
-from knowledger.ledger.models import (BaseModel, Delta, Operation, OperationKind, OperationRequest,
-                                      OperationStatus, Request, RequestEvent, RequestOutcome,
-                                      RequestStatus, RequestVector, Setting, utcnow)
+from knowledger.ledger.models import (AuditResult, AuditRun, AuditStatus, BaseModel, Delta, EditMemory, Operation,
+                                      OperationKind, OperationRequest, OperationStatus, Request,
+                                      RequestEvent, RequestOutcome, RequestStatus, RequestVector,
+                                      Setting, utcnow)
 
 
 # --- base models ---------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def all_settings(session: Session) -> dict[str, Any]:
 # An operation of these kinds carries deltas; it is *active* while it is committed, belongs to the
 # current base model and no committed undo targets it. The live weights are a pure function of the
 # active set (see knowledger.agent.live); undo adds an undo row, it never edits the target.
-DELTA_KINDS = (OperationKind.apply, OperationKind.redo, OperationKind.replay)
+DELTA_KINDS = (OperationKind.apply, OperationKind.redo, OperationKind.replay, OperationKind.heal)
 
 
 def get_operation_by_seq(session: Session, seq: int) -> Operation:
@@ -350,11 +351,14 @@ def link_requests(session: Session, operation_id: int,
 
 
 def active_facts(session: Session, base_model_id: int) -> list[tuple[Operation, Request]]:
-    """The applied facts whose edit is in the live weights, with the operation that holds each."""
-    out = []
+    """The applied facts whose edit is in the live weights, each once, with the first active
+    operation that holds it (a healed fact is also held by a later `heal` operation)."""
+    out, seen = [], set()
     for op in active_operations(session, base_model_id):
         for link, req in operation_facts(session, op.id):
-            if link.outcome == RequestOutcome.applied and req.status == RequestStatus.applied:
+            if link.outcome == RequestOutcome.applied and req.status == RequestStatus.applied \
+                    and req.id not in seen:
+                seen.add(req.id)
                 out.append((op, req))
     return out
 
@@ -365,3 +369,114 @@ def load_vectors(row: RequestVector) -> FactVectors:
                                       f"vectors of fact #{row.request_id} at layer {row.layer} of "
                                       f"operation {row.operation_id}")
     return FactVectors(request_id=row.request_id, layer=row.layer, key=key, value=value)
+
+
+def active_fact_links(session: Session, base_model_id: int, *, up_to_seq: int | None = None
+                      ) -> list[tuple[Operation, OperationRequest, Request]]:
+    """Every (active operation, its link row, fact) where the operation applied a fact that is
+    still applied, in operation seq then batch order; a healed fact appears once per holder."""
+    ops = {op.id: op for op in active_operations(session, base_model_id, up_to_seq=up_to_seq)}
+    ids, out = list(ops), []
+    for i in range(0, len(ids), 500):  # bounded IN lists
+        q = (select(OperationRequest, Request).join(Request, Request.id == OperationRequest.request_id)
+             .where(OperationRequest.operation_id.in_(ids[i:i + 500]),
+                    OperationRequest.outcome == RequestOutcome.applied,
+                    Request.status == RequestStatus.applied))
+        out += [(ops[link.operation_id], link, req) for link, req in session.execute(q).all()]
+    return sorted(out, key=lambda t: (t[0].seq, t[1].position))
+
+
+# --- audits ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AuditFact:
+    """One fact's result in an audit, as record_audit_run stores it."""
+
+    request_id: int
+    metrics: dict
+    drifted: bool
+
+
+def record_audit_run(session: Session, *, started_at: datetime, head_seq: int | None, device: str | None,
+                     status: AuditStatus | str, metrics: dict | None,
+                     results: Iterable[AuditFact] = ()) -> AuditRun:
+    """Insert one finished (completed or failed) audit run with its per-fact results."""
+    run = AuditRun(started_at=started_at, finished_at=utcnow(), head_seq=head_seq, device=device,
+                   status=AuditStatus(status), metrics_json=metrics)
+    session.add(run)
+    session.flush()
+    session.add_all([AuditResult(audit_run_id=run.id, request_id=r.request_id, metrics_json=r.metrics,
+                                 drifted=bool(r.drifted)) for r in results])
+    session.flush()
+    return run
+
+
+def list_audit_runs(session: Session, *, status: AuditStatus | str | None = None,
+                    limit: int | None = None) -> list[AuditRun]:
+    """Audit runs, oldest first (the last `limit` ones when given)."""
+    q = select(AuditRun).order_by(AuditRun.id.desc())
+    if status is not None:
+        q = q.where(AuditRun.status == AuditStatus(status))
+    if limit:
+        q = q.limit(limit)
+    return list(reversed(list(session.scalars(q))))
+
+
+def last_audit_run(session: Session, *, status: AuditStatus | str | None = AuditStatus.completed
+                   ) -> AuditRun | None:
+    runs = list_audit_runs(session, status=status, limit=1)
+    return runs[0] if runs else None
+
+
+def audit_results(session: Session, audit_run_id: int, *, drifted: bool | None = None) -> list[AuditResult]:
+    """One audit's per-fact results, by fact id (only the drifted ones with drifted=True)."""
+    q = select(AuditResult).where(AuditResult.audit_run_id == audit_run_id).order_by(AuditResult.request_id)
+    if drifted is not None:
+        q = q.where(AuditResult.drifted == drifted)
+    return list(session.scalars(q))
+
+
+def count_operations_since(session: Session, base_model_id: int, after_seq: int,
+                           kinds: Sequence[OperationKind] = (OperationKind.apply,)) -> int:
+    """Committed operations of these kinds with seq > after_seq (periodic audits count them)."""
+    q = select(func.count()).select_from(Operation).where(
+        Operation.base_model_id == base_model_id, Operation.status == OperationStatus.committed,
+        Operation.kind.in_(list(kinds)), Operation.seq > after_seq)
+    return int(session.scalar(q) or 0)
+
+
+# --- the past-edit memory ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoredMemory:
+    """One layer's M = Σ k kᵀ (d_in, d_in) float64, how many keys it sums, and the seq it reflects."""
+
+    layer: int
+    matrix: np.ndarray  # (d_in, d_in) float64
+    n_keys: int
+    as_of_seq: int
+
+
+def load_memory(session: Session, base_model_id: int) -> list[StoredMemory]:
+    """The stored memory of a base model's lineage, one entry per layer (checksums checked)."""
+    rows = session.scalars(select(EditMemory).where(EditMemory.base_model_id == base_model_id)
+                           .order_by(EditMemory.layer))
+    return [StoredMemory(r.layer, blobs.decode_checked((r.matrix,), r.sha256, f"edit memory of layer {r.layer}")[0],
+                         r.n_keys, r.as_of_seq) for r in rows]
+
+
+def save_memory(session: Session, base_model_id: int, layers: Iterable[StoredMemory]) -> None:
+    """Insert or replace the memory of the given layers (one row per (base model, layer))."""
+    for m in layers:
+        data = blobs.encode(np.asarray(m.matrix, dtype=np.float64))
+        row = session.scalar(select(EditMemory).where(EditMemory.base_model_id == base_model_id,
+                                                      EditMemory.layer == m.layer))
+        if row is None:
+            row = EditMemory(base_model_id=base_model_id, layer=m.layer)
+            session.add(row)
+        row.matrix, row.sha256, row.n_keys, row.as_of_seq = data, blobs.sha256(data), int(m.n_keys), int(m.as_of_seq)
+    session.flush()
+
+
+def active_vectors(session: Session, base_model_id: int) -> list[FactVectors]:
+    """The key/value vectors of every active operation of a lineage, in seq order."""
+    return [load_vectors(v) for op in active_operations(session, base_model_id)
+            for v in operation_vectors(session, op.id)]

@@ -32,6 +32,8 @@ def identity_moments(model, layers):
 def make(family, method, init_range=None, n_layers=4, **hp):
     model = tiny_model(family, init_range=init_range, n_layers=n_layers)
     params = dict(layers=(1, 2), v_steps=15, n_context=2, mom2_weight=1.0, emmet_ridge=0.0)
+    if method == "alphaedit":  # C = I has no null space to speak of: let 90% of it count
+        params.update(alphaedit_null_threshold=0.9, alphaedit_null_scale="energy")
     params.update(hp)
     hparams = EditHParams(**params)
     return model, Editor(model, TOK, hparams, method=method, second_moments=identity_moments(model, range(n_layers)))
@@ -127,7 +129,7 @@ def test_applied_emmet_edit_puts_layer_L_exactly_on_the_target_value(family):
     torch.testing.assert_close(moved, wanted, rtol=2e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["memit", "emmet", "pmet"])
+@pytest.mark.parametrize("method", ["memit", "emmet", "pmet", "alphaedit", "encore"])
 def test_applying_the_edit_raises_the_target_probability(method):
     model, editor = make("gpt2", method, init_range=0.3, n_layers=6, v_steps=30, mom2_weight=0.1)
     items = [(f.text, f.target_new) for f in SHORT]

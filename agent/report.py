@@ -1,0 +1,200 @@
+"""`knowledger report`: one self-contained HTML page of the edits and audits over the operations.
+
+Charts (matplotlib, Agg backend, PNGs embedded as base64 data URIs, so the page is one file that
+can be mailed or archived), each with the head seq of the audited weights on the x axis:
+- edit success: the share of active facts whose target_new is still top-1 in each audit (and the
+  paraphrase / neighbourhood top-1 rates), with each operation's own rate right after it was
+  applied as markers;
+- drift: active and drifted facts per audit;
+- perplexity on the held-out text: the live model and the base model (and the danger line);
+- weight change: ‖W − W_base‖_F / ‖W_base‖_F per edited layer (and the danger line).
+Below them: the latest audit's drifted facts and dangers, and a table of every audit run.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import tempfile
+from pathlib import Path
+
+from knowledger.agent.audit import runs_view
+from knowledger.agent.workspace import Workspace, iso
+from knowledger.ledger import repository as repo
+from knowledger.ledger.models import OperationStatus, utcnow
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _charts(runs: list[dict], ops: list[dict]) -> dict[str, str]:
+    """{title: base64 PNG}; a chart without data is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out = {}
+    done = [r for r in runs if r["status"] == "completed"]
+    x = [r["head_seq"] for r in done]
+    m = [r["metrics"] for r in done]
+
+    def new(title, ylabel):
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        ax.set_title(title)
+        ax.set_xlabel("operation seq (ledger head)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        return fig, ax
+
+    def finish(name, fig, ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
+        out[name] = _png(fig)
+        plt.close(fig)
+
+    applied = [(o["seq"], o["efficacy_acc"]) for o in ops if o["efficacy_acc"] is not None]
+    if done or applied:
+        fig, ax = new("Edit success", "share of facts, top-1")
+        if done:
+            ax.plot(x, [v.get("success_rate") for v in m], "o-", label="rewrite (audit)")
+            for key, label in (("paraphrase_acc", "paraphrase (audit)"),
+                               ("neighborhood_acc", "neighbourhood kept (audit)")):
+                ys = [(v.get("aggregate") or {}).get(key) for v in m]
+                if any(y is not None for y in ys):
+                    ax.plot(x, ys, "s--", label=label, alpha=0.8)
+        if applied:
+            ax.scatter(*zip(*applied), marker="x", color="gray", label="rewrite, right after each operation")
+        ax.set_ylim(-0.05, 1.05)
+        finish("success", fig, ax)
+    if done:
+        fig, ax = new("Drift", "facts")
+        ax.plot(x, [v.get("facts", 0) for v in m], "o-", label="active facts")
+        ax.bar(x, [v.get("drifted", 0) for v in m], width=0.4, color="tab:red", label="drifted")
+        finish("drift", fig, ax)
+        health = [(xi, v.get("health") or {}) for xi, v in zip(x, m)]
+        ppl = [(xi, h["perplexity"], h["base_perplexity"]) for xi, h in health if h.get("perplexity")]
+        if ppl:
+            fig, ax = new("Held-out perplexity", "perplexity")
+            xs, ys, bs = zip(*ppl)
+            ax.plot(xs, ys, "o-", label="live model")
+            ax.plot(xs, bs, "k:", label="base model")
+            ratio = m[-1].get("thresholds", {}).get("ppl_ratio")
+            if ratio:
+                ax.plot(xs, [b * ratio for b in bs], "r--", lw=0.8, label=f"danger (×{ratio:g})")
+            finish("perplexity", fig, ax)
+        layers = sorted({k for _, h in health for k in h.get("layers", {})}, key=int)
+        if layers:
+            fig, ax = new("Weight change of the edited layers", "||W - W_base|| / ||W_base||")
+            for k in layers:
+                pts = [(xi, h["layers"][k]["delta_rel"]) for xi, h in health if k in h.get("layers", {})]
+                ax.plot(*zip(*pts), "o-", label=f"layer {k}")
+            limit = m[-1].get("thresholds", {}).get("norm_ratio")
+            if limit:
+                ax.axhline(limit, color="r", ls="--", lw=0.8, label=f"danger ({limit:g})")
+            finish("norms", fig, ax)
+    return out
+
+
+def _operations(ws: Workspace) -> list[dict]:
+    with ws.reading() as s:
+        base = repo.current_base_model(s)
+        if base is None:
+            return []
+        return [dict(seq=op.seq, kind=op.kind.value,
+                     efficacy_acc=((op.metrics_json or {}).get("after") or {}).get("efficacy_acc"))
+                for op in repo.lineage(s, base.id) if op.status == OperationStatus.committed]
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}td.l{text-align:left}.bad{color:#b00}.ok{color:#070}img{max-width:100%}"""
+
+
+def _num(x, spec=".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _page(ws: Workspace, runs: list[dict], ops: list[dict], charts: dict[str, str]) -> str:
+    e = html.escape
+    with ws.reading() as s:
+        base = repo.current_base_model(s)
+        counts = repo.count_requests_by_status(s)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>knowledger report</title>"
+             f"<style>{_CSS}</style></head><body><h1>knowledger: edits and audits</h1>",
+             f"<p>Workspace <code>{e(str(ws.location.where))}</code>; base model "
+             f"<code>{e(base.name_or_path if base else '-')}</code>; {len(ops)} committed operations; facts: "
+             + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f". Generated {e(iso(utcnow()))}.</p>"]
+    done = [r for r in runs if r["status"] == "completed"]
+    if done:
+        last = done[-1]
+        lm = last["metrics"]
+        verdict = ("<span class='ok'>healthy</span>" if lm.get("healthy")
+                   else "<span class='bad'>drift or danger found</span>")
+        parts.append(f"<h2>Latest audit (#{last['id']}, seq {last['head_seq']}, {e(last['finished_at'] or '')})"
+                     f"</h2><p>{lm.get('facts', 0)} active facts, {lm.get('drifted', 0)} drifted: {verdict}.</p>")
+        if lm.get("danger"):
+            parts.append("<ul>" + "".join(f"<li class='bad'>{e(d)}</li>" for d in lm["danger"]) + "</ul>")
+        with ws.reading() as s:
+            drifted = [(r.request_id, r.metrics_json or {}) for r in repo.audit_results(s, last["id"], drifted=True)]
+            texts = {q.id: q for q in repo.requests_by_ids(s, [i for i, _ in drifted])} if drifted else {}
+            rows = [(i, texts[i].prompt.format(texts[i].subject), texts[i].target_new, mj) for i, mj in drifted]
+        if rows:
+            parts.append("<table><tr><th>fact</th><th>prompt</th><th>target_new</th><th>P(new)</th>"
+                         "<th>rank</th><th>margin drop</th><th>why</th></tr>")
+            for i, text, target, mj in rows:
+                mm = mj.get("metrics") or {}
+                parts.append(f"<tr><td>#{i}</td><td class='l'>{e(text)}</td><td class='l'>{e(target)}</td>"
+                             f"<td>{_num(mm.get('rewrite_p_new'))}</td><td>{_num(mm.get('rewrite_rank'), '.0f')}</td>"
+                             f"<td>{_num(mj.get('margin_drop'), '.2f')}</td>"
+                             f"<td class='l'>{e('; '.join(mj.get('reasons') or []))}</td></tr>")
+            parts.append("</table>")
+    else:
+        parts.append("<p>No audits yet: run <code>knowledger audit</code>.</p>")
+    titles = dict(success="Edit success", drift="Drift", perplexity="Perplexity", norms="Weight change")
+    for name, png in charts.items():
+        parts.append(f"<h2>{titles.get(name, name)}</h2><img alt='{name}' src='data:image/png;base64,{png}'>")
+    if runs:
+        parts.append("<h2>Audit runs</h2><table><tr><th>#</th><th>finished</th><th>head seq</th><th>device</th>"
+                     "<th>status</th><th>facts</th><th>drifted</th><th>top-1</th><th>ppl ratio</th>"
+                     "<th>max ΔW/W</th></tr>")
+        for r in runs:
+            mj = r["metrics"]
+            h = mj.get("health") or {}
+            rel = [v["delta_rel"] for v in (h.get("layers") or {}).values()]
+            parts.append(f"<tr><td>{r['id']}</td><td class='l'>{e(r['finished_at'] or '')}</td>"
+                         f"<td>{r['head_seq']}</td><td>{e(r['device'] or '')}</td><td>{e(r['status'])}</td>"
+                         f"<td>{mj.get('facts', '-')}</td><td>{mj.get('drifted', '-')}</td>"
+                         f"<td>{_num(mj.get('success_rate'))}</td><td>{_num(h.get('ppl_ratio'))}</td>"
+                         f"<td>{_num(max(rel) if rel else None)}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_report(ws: Workspace, out: str | os.PathLike | None = None) -> dict:
+    """Write `<out>/index.html` (default `<workspace home>/report/`), atomically."""
+    folder = Path(out).expanduser().resolve() if out else ws.location.home / "report"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a directory")
+    runs, ops = runs_view(ws), _operations(ws)
+    charts = _charts(runs, ops)
+    page = _page(ws, runs, ops, charts)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".index.html.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / "index.html")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dict(path=str(folder / "index.html"), audits=len(runs), operations=len(ops), charts=list(charts))
+
