@@ -3,8 +3,10 @@
 Settings live in the ledger's `settings` table (key → JSON). `apply` stores what it was given
 (the statistics corpus and token count, the hyperparameter preset and overrides; see
 agent.scheduler.EditSettings); the keys below are the ones set with `knowledger config set KEY
-VALUE`. Each is a number with a lower bound; a value is checked before it is stored. Defaults are
-explained in docs/audit.md (audit_*) and docs/agent.md (batch_size, auto_memit_min_batch).
+VALUE`. Each is a number with a lower bound (or a name from a list); a value is checked before it
+is stored. Defaults are
+explained in docs/audit.md (audit_*), docs/agent.md (batch_size, auto_memit_min_batch) and
+docs/lifelong.md (lifelong_*).
 """
 from __future__ import annotations
 
@@ -23,8 +25,13 @@ class Knob:
     minimum: int | float
     help: str
     exclusive: bool = False  # the minimum itself is not allowed
+    choices: tuple[str, ...] = ()  # for type str: the allowed values
 
-    def parse(self, raw: str) -> int | float:
+    def parse(self, raw: str) -> int | float | str:
+        if self.type is str:
+            if raw not in self.choices:
+                raise ValueError(f"{self.key} takes one of {', '.join(self.choices)}, got {raw!r}")
+            return raw
         try:
             value = self.type(raw) if self.type is float else int(raw, 10)
         except ValueError:
@@ -39,13 +46,20 @@ class Knob:
 
 def _knobs() -> dict[str, Knob]:
     from knowledger.agent.audit import AuditSettings
-    from knowledger.agent.scheduler import EditSettings
+    from knowledger.agent.scheduler import LIFELONG_EDITORS, EditSettings
 
     edit, audit = EditSettings(), AuditSettings()
     knobs = [
         Knob("batch_size", int, edit.batch_size, 1, "facts per apply batch"),
         Knob("auto_memit_min_batch", int, edit.auto_memit_min_batch, 1,
              "editor auto: MEMIT for batches of this many facts or more, EMMET below"),
+        Knob("lifelong_min_active", int, edit.lifelong_min_active, 0,
+             "editor auto: the lifelong editor once this many facts are applied"),
+        Knob("lifelong_norm_growth", float, edit.lifelong_norm_growth, 0.0,
+             "editor auto: the lifelong editor once an edited layer's ||W - W_base|| / ||W_base|| "
+             "reaches this", exclusive=True),
+        Knob("lifelong_editor", str, edit.lifelong_editor, 0, "editor auto picks past the lifelong "
+             "thresholds", choices=LIFELONG_EDITORS),
         Knob("audit_every", int, audit.audit_every, 0,
              "apply runs an audit after this many new apply/redo operations (0: never)"),
         Knob("audit_margin_drop", float, audit.audit_margin_drop, 0.0,

@@ -459,7 +459,7 @@ def apply_pending(ws: Workspace, *, batch_size: int | None = None, editor: str =
 def _check_delta_op(op, base_model_id: int, verb: str) -> None:
     if op.kind not in repo.DELTA_KINDS:
         raise KnowledgerError(f"operation seq {op.seq} is an {op.kind.value} operation: only apply, "
-                              f"redo and replay operations can be {verb}ne")
+                              f"redo, replay and heal operations can be {verb}ne")
     if op.status != OperationStatus.committed:
         raise KnowledgerError(f"operation seq {op.seq} {op.status.value}: it changed no weights")
     if op.base_model_id != base_model_id:
@@ -656,7 +656,8 @@ def replay_recompute(ws: Workspace, *, model: str | None = None, wait: bool = Fa
         with ws.reading() as s:
             base = repo.current_base_model(s)
             batches = [(op.id, op.seq, op.editor, op.hparams_json, _applied(s, op.id))
-                       for op in repo.active_operations(s, base.id)]
+                       for op in repo.active_operations(s, base.id)
+                       if op.kind != OperationKind.heal]  # a heal re-applies facts its origin holds
             old_name, old_sha = base.name_or_path, base.weights_sha256
         name = normalise_model(model) if model else old_name
         try:

@@ -40,9 +40,9 @@ EDITOR_CHOICES = ("auto", "emmet", "memit", "rome", "pmet", "alphaedit", "encore
 LIFELONG_EDITORS = ("alphaedit", "encore")
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MEMIT_MIN_BATCH = 256  # see the module docstring and docs/benchmarks.md
-DEFAULT_LIFELONG_MIN_ACTIVE = 300  # see the module docstring and docs/lifelong.md
-DEFAULT_LIFELONG_NORM_GROWTH = 0.05  # ‖W − W_base‖_F / ‖W_base‖_F of the most-changed edited layer
-DEFAULT_LIFELONG_EDITOR = "alphaedit"
+DEFAULT_LIFELONG_MIN_ACTIVE = 200  # see the module docstring and docs/lifelong.md
+DEFAULT_LIFELONG_NORM_GROWTH = 0.3  # ‖W − W_base‖_F / ‖W_base‖_F of the most-changed edited layer
+DEFAULT_LIFELONG_EDITOR = "encore"
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,10 @@ class History:
 class EditSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     auto_memit_min_batch: int = DEFAULT_MEMIT_MIN_BATCH
-    lifelong_min_active: int = DEFAULT_LIFELONG_MIN_ACTIVE
-    lifelong_norm_growth: float = DEFAULT_LIFELONG_NORM_GROWTH
-    lifelong_editor: str = DEFAULT_LIFELONG_EDITOR
+    # read from the module constants when an EditSettings is made (tests pin them)
+    lifelong_min_active: int = field(default_factory=lambda: DEFAULT_LIFELONG_MIN_ACTIVE)
+    lifelong_norm_growth: float = field(default_factory=lambda: DEFAULT_LIFELONG_NORM_GROWTH)
+    lifelong_editor: str = field(default_factory=lambda: DEFAULT_LIFELONG_EDITOR)
     stats_corpus: str | None = None  # absolute path; None: text sampled from the base model
     stats_tokens: int | None = None  # None: the hyperparameters' stats_tokens
     hparams_preset: str | None = None  # None: the model family's preset

@@ -50,9 +50,9 @@ def test_auto_switches_to_the_lifelong_editor_past_the_threshold(tiny):
     st = EditSettings(lifelong_min_active=4, lifelong_norm_growth=10.0)
     rec = B.run(lm, facts(), editor="auto", batch_size=2, hp=hp, corpus=str(corpus), progress=False,
                 heldout_tokens=0, entropy_prompts=0, settings=st)
-    assert [b["editor"] for b in rec["batches"]] == ["emmet", "emmet", "alphaedit"]
+    assert [b["editor"] for b in rec["batches"]] == ["emmet", "emmet", "encore"]
     assert "lifelong_min_active" in rec["batches"][2]["reason"]
-    assert rec["editors_used"] == {"emmet": 2, "alphaedit": 1}
+    assert rec["editors_used"] == {"emmet": 2, "encore": 1}
     assert rec["health"]["perplexity"] is None
 
 

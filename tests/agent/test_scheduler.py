@@ -61,3 +61,24 @@ def test_settings_merge_overrides_and_report_only_real_changes(tmp_path):
     assert again == new and changes == []
     f = tmp_path / "c.txt"
     assert new.updated(corpus=f)[0].stats_corpus == str(f.resolve())
+
+
+def test_auto_prefers_the_lifelong_editor_past_either_threshold():
+    from knowledger.agent.scheduler import EditSettings, History, choose_editor
+
+    st = EditSettings(lifelong_min_active=200, lifelong_norm_growth=0.3, lifelong_editor="encore")
+    assert choose_editor(10, "auto", 256, History(199, 0.29), st)[0] == "emmet"
+    name, why = choose_editor(10, "auto", 256, History(200, 0.0), st)
+    assert name == "encore" and "200 active edits" in why
+    name, why = choose_editor(10, "auto", 256, History(5, 0.31), st)
+    assert name == "encore" and "lifelong_norm_growth" in why
+    assert choose_editor(10, "memit", 256, History(10**6, 9.0), st)[0] == "memit"  # asked for
+
+
+def test_a_long_plan_switches_part_way_as_its_batches_add_up():
+    from knowledger.agent.scheduler import EditSettings, History, PendingFact, plan
+
+    facts = [PendingFact(i, "{} x", f"s{i}", "t") for i in range(1, 8)]
+    p = plan(facts, batch_size=2, history=History(1, 0.0),
+             settings=EditSettings(lifelong_min_active=4, lifelong_norm_growth=10.0))
+    assert [b.editor for b in p.batches] == ["emmet", "emmet", "encore", "encore"]

@@ -113,11 +113,15 @@ def test_config_show_and_set(applied):
     assert "  audit_every            0          (default 0)" in r.stdout
     assert "* stats_tokens           1000       (stored by knowledger apply)" in r.stdout
     assert ok("config", "set", "audit_margin_drop", "1.5", db=applied).stdout == "audit_margin_drop = 1.5 (was 2.0)\n"
+    assert ok("config", "set", "lifelong_editor", "alphaedit", db=applied).stdout == \
+        "lifelong_editor = alphaedit (was encore)\n"
     rows = {x["key"]: x for x in json.loads(ok("config", "show", "--json", db=applied).stdout)}
+    assert rows["lifelong_editor"]["value"] == "alphaedit"
     assert rows["audit_margin_drop"]["value"] == 1.5 and rows["audit_every"]["set"] is False
     for args, msg in ((("nope", "1"), "unknown setting 'nope'"), (("audit_margin_drop", "0"), "audit_margin_drop must be > 0.0"),
                       (("audit_ppl_ratio", "1"), "audit_ppl_ratio must be > 1.0"),
                       (("batch_size", "x"), "batch_size takes an integer"),
+                      (("lifelong_editor", "memit"), "lifelong_editor takes one of alphaedit, encore"),
                       (("stats_tokens", "5"), "it is stored by knowledger apply")):
         r = run("config", "set", *args, db=applied)
         assert r.exit_code == 1 and msg in r.stderr and r.stderr.count("\n") == 1

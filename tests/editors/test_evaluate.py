@@ -26,6 +26,7 @@ def test_score_matches_the_full_forward_for_batched_ragged_items():
         lp, hit = reference_logprobs(model, prompt, target)
         assert abs(s.logprob - float(lp.mean())) < 1e-4
         assert s.top1 == bool(hit.all())
+        assert abs(s.token_acc - float(hit.float().mean())) < 1e-6  # zsRE's token accuracy
 
 
 @torch.no_grad()
