@@ -182,12 +182,10 @@ class LiveModel:
 
     def norm_growth(self) -> dict[str, float]:
         """‖W − W_base‖_F / ‖W_base‖_F of every touched parameter (the scheduler's drift signal)."""
-        out = {}
-        for name in sorted(self.param_shas):
-            base = self._base[name].double()
-            cur = self.model.get_parameter(name).detach().double()
-            out[name] = float(torch.linalg.norm(cur - base) / torch.linalg.norm(base))
-        return out
+        from knowledger.editors.health import weight_norms
+
+        cur = {name: self.model.get_parameter(name) for name in sorted(self.param_shas)}
+        return {name: v["delta_rel"] for name, v in weight_norms(cur, {n: self._base[n] for n in cur}).items()}
 
     def touched_tensors(self) -> dict[str, torch.Tensor]:
         return {name: self.model.get_parameter(name).detach().clone() for name in sorted(self.param_shas)}

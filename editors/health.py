@@ -68,10 +68,10 @@ def perplexity(model, tokenizer, chunks: list[list[int]], *, batch_size: int = 1
     return math.exp(nll / count)
 
 
-def weight_norms(current: dict[int, torch.Tensor], base: dict[int, torch.Tensor]) -> dict[int, dict[str, float]]:
+def weight_norms(current: dict, base: dict) -> dict:
     """Per layer: ‖W‖_F, ‖W_base‖_F, ‖W − W_base‖_F, the growth ‖W‖/‖W_base‖ and ‖W−W_base‖/‖W_base‖.
 
-    current / base: {layer: weight} in any (matching) layout; computed in float64."""
+    current / base: {layer or name: weight} in any (matching) layout; computed in float64."""
     out = {}
     for layer, w in sorted(current.items()):
         w64, b64 = w.detach().double(), base[layer].detach().double().to(w.device)
