@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from knowledger.agent.live import LiveModel, expected_state
+from knowledger.agent.operations import json_safe
 from knowledger.agent.scheduler import EditSettings, conflict_key
 from knowledger.agent.workspace import Workspace, iso
 from knowledger.ledger import repository as repo
@@ -286,21 +287,6 @@ def dangers(h: dict, orphans: list[dict], audit: AuditSettings) -> list[str]:
     return found
 
 
-def _clean(obj):
-    """JSON-safe copy: numbers to float/int, non-finite floats to None."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (bool, int, str)) or obj is None:
-        return obj
-    try:
-        x = float(obj)
-    except (TypeError, ValueError):
-        return str(obj)
-    return x if math.isfinite(x) else None
-
-
 # --- one audit ------------------------------------------------------------------------------------
 def _fact_view(f: AuditedFact, m: dict, reasons: list[str], drop: float | None) -> dict:
     r = f.request
@@ -341,20 +327,20 @@ def audit_live(ws: Workspace, live: LiveModel, head_seq: int, device: torch.devi
     margin_flags = 0
     for f, m in zip(facts, per_fact):
         is_drifted, reasons, drop = judge(f, m, audit.audit_margin_drop)
-        view = _clean(_fact_view(f, m, reasons, drop))
+        view = json_safe(_fact_view(f, m, reasons, drop))
         if is_drifted:
             drifted.append(view)
             margin_flags += m.get("rewrite_acc", 0.0) >= 1.0
         elif f.overridden_by is not None:
             overridden.append(view)
-        results.append(repo.AuditFact(f.id, _clean(dict(
+        results.append(repo.AuditFact(f.id, json_safe(dict(
             metrics=m, held_by=f.holders, reference_seq=(f.reference or {}).get("seq"),
             reference_margin=(f.reference or {}).get("rewrite_margin"), margin_drop=drop,
             overridden_by=f.overridden_by, reasons=reasons)), is_drifted))
     danger = dangers(h, orphans, audit)
     agg = aggregate(per_fact) if per_fact else {}
     counted = [m for f, m in zip(facts, per_fact) if f.overridden_by is None]
-    metrics = _clean(dict(
+    metrics = json_safe(dict(
         facts=len(facts), drifted=len(drifted), drifted_by_margin_only=margin_flags,
         overridden=len(overridden), success_rate=(sum(m.get("rewrite_acc", 0.0) >= 1.0 for m in counted)
                                                   / len(counted)) if counted else None,

@@ -126,16 +126,7 @@ def undo(ws: Workspace, *, fact_id: int | None = None, seq: int | None = None, r
         if target.kind == HEAL:
             records.append(es.undo_record(target.id, target.seq, []))
         else:
-            records += [es.undo_record(op.id, op.seq, [r.id for r in rs]) for op, rs in reversed(later)]
-            records.append(es.undo_record(target.id, target.seq, [r.id for r in applied]))
-            rest = [r for r in applied if fact is not None and r.id != fact.id]
-            if rest:
-                records.append(es.edit_batch(rest, target.editor, es.hparams(target.hparams_json),
-                                             why=f"re-applied after undoing fact #{fact.id}"))
-            for op, rs in later:
-                if rs:
-                    records.append(es.edit_batch(rs, op.editor, es.hparams(op.hparams_json),
-                                                 why=f"rebased after undoing seq {target.seq}"))
+            records += es.undo_records(target, fact, applied, later)
         es.commit(records)
         return dict(operations=[r.summary() for r in records], notes=es.notes,
                     weights_sha256=es.live.state_hash, head_seq=es.head_seq)

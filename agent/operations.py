@@ -105,12 +105,12 @@ def edit_requests(rows: list[Request]) -> list[EditRequest]:
                         id=r.id) for r in rows]
 
 
-def _clean(obj):
+def json_safe(obj):
     """JSON-safe copy: tensors and numpy scalars to floats, non-finite floats to None."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (bool, int, str)) or obj is None:
         return obj
     try:
@@ -202,6 +202,23 @@ class EditSession:
         self._track(rec)
         return rec
 
+    def undo_records(self, target, fact: Request | None, applied: list[Request],
+                     later: list[tuple]) -> list[OpRecord]:
+        """Undo `target` (its `applied` facts become reverted) and, with `later` = [(operation,
+        its applied facts)] for a rebase, every later operation first; then re-apply the rest of
+        the batch of an undone `fact`, and the later operations' facts in order."""
+        records = [self.undo_record(op.id, op.seq, [r.id for r in rs]) for op, rs in reversed(later)]
+        records.append(self.undo_record(target.id, target.seq, [r.id for r in applied]))
+        rest = [r for r in applied if fact is not None and r.id != fact.id]
+        if rest:
+            records.append(self.edit_batch(rest, target.editor, self.hparams(target.hparams_json),
+                                           why=f"re-applied after undoing fact #{fact.id}"))
+        for op, rs in later:
+            if rs:
+                records.append(self.edit_batch(rs, op.editor, self.hparams(op.hparams_json),
+                                               why=f"rebased after undoing seq {target.seq}"))
+        return records
+
     def edit_batch(self, rows: list[Request], method: str, hp: EditHParams, *,
                    kind: OperationKind = OperationKind.apply, target: tuple[int, int] | None = None,
                    why: str = "applied") -> OpRecord:
@@ -274,8 +291,8 @@ class EditSession:
         self._track(rec)
         timings = dict(result.timings) if result is not None else {}
         timings.update(eval_s=eval_s, attempts=attempts, total_s=time.perf_counter() - t0)
-        rec.timings = _clean(timings)
-        rec.metrics = _clean(dict(
+        rec.timings = json_safe(timings)
+        rec.metrics = json_safe(dict(
             criterion=CRITERION, target_seq=target[1] if target else None,
             before=aggregate(before), after=aggregate(after) if result is not None else None,
             failed=sorted(failed), norm_growth=max(live.norm_growth().values(), default=0.0),
@@ -302,7 +319,7 @@ class EditSession:
                                               f"redone with the deltas of operation seq {op.seq}",
                                               dict(after=m))) for r, m in zip(rows, after)],
             timings=dict(total_s=time.perf_counter() - t0),
-            metrics=_clean(dict(criterion=CRITERION, target_seq=op.seq, reused_deltas=True,
+            metrics=json_safe(dict(criterion=CRITERION, target_seq=op.seq, reused_deltas=True,
                                 after=aggregate(after),
                                 norm_growth=max(live.norm_growth().values(), default=0.0))))
         self._track(rec)
@@ -352,7 +369,7 @@ class EditSession:
 
 
 def _clean_outcome(fo: FactOutcome) -> FactOutcome:
-    return replace(fo, metrics=_clean(fo.metrics) if fo.metrics else None)
+    return replace(fo, metrics=json_safe(fo.metrics) if fo.metrics else None)
 
 
 def recover(ws: Workspace) -> list[str]:
@@ -389,7 +406,7 @@ def plan_pending(ws: Workspace, *, batch_size: int | None = None, editor: str = 
                  corpus=None, stats_tokens: int | None = None, overrides: dict | None = None,
                  preset: str | None = None):
     """(plan, settings with the given values in, their changes, {id: PendingFact})."""
-    from knowledger.agent.scheduler import History, PendingFact, plan
+    from knowledger.agent.scheduler import PendingFact, plan
 
     with ws.reading() as s:
         settings = EditSettings.load(s)
@@ -518,16 +535,7 @@ def undo(ws: Workspace, *, fact_id: int | None = None, seq: int | None = None, r
             applied = _applied(s, target.id)
             later = [(op, _applied(s, op.id)) for op in repo.active_operations(s, base_id)
                      if op.seq > target.seq] if rebase else []
-        records = [es.undo_record(op.id, op.seq, [r.id for r in facts]) for op, facts in reversed(later)]
-        records.append(es.undo_record(target.id, target.seq, [r.id for r in applied]))
-        rest = [r for r in applied if fact is not None and r.id != fact.id]
-        if rest:
-            records.append(es.edit_batch(rest, target.editor, es.hparams(target.hparams_json),
-                                         why=f"re-applied after undoing fact #{fact.id}"))
-        for op, facts in later:
-            if facts:
-                records.append(es.edit_batch(facts, op.editor, es.hparams(op.hparams_json),
-                                             why=f"rebased after undoing seq {target.seq}"))
+        records = es.undo_records(target, fact, applied, later)
         es.commit(records)
         return dict(operations=[r.summary() for r in records], notes=es.notes,
                     weights_sha256=es.live.state_hash, head_seq=es.head_seq)

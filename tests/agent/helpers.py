@@ -102,3 +102,24 @@ def subprocess_env(**extra) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2])] + sys.path)
     return env
+
+
+def call(fn, db, **kw):
+    """fn(workspace, **kw) on the workspace at db."""
+    from knowledger.agent.workspace import open_workspace
+
+    with open_workspace(db) as w:
+        return fn(w, **kw)
+
+
+def rows(db, model, **where):
+    """Every row of a ledger table (an ORM class) matching column == value filters."""
+    from sqlalchemy import select
+
+    from knowledger.agent.workspace import open_workspace
+
+    with open_workspace(db) as w, w.reading() as s:
+        q = select(model)
+        for k, v in where.items():
+            q = q.where(getattr(model, k) == v)
+        return list(s.scalars(q))

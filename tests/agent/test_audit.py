@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-from sqlalchemy import select
 
 from knowledger.agent import audit as au, config as cfg, heal, operations as ops
 from knowledger.agent.live import ActiveDelta, factors_from_delta, open_live, stored_delta
@@ -15,26 +14,13 @@ from knowledger.editors.result import LayerDelta
 from knowledger.ledger import repository as repo
 from knowledger.ledger.errors import KnowledgerError
 from knowledger.ledger.models import AuditResult, AuditRun, Operation, OperationKind, Request
-from tests.agent.helpers import GOOD, STATS_TOKENS, submit
+from tests.agent.helpers import GOOD, STATS_TOKENS, call, rows, submit
 
 OVERRIDES = dict(layers=[1, 2], v_steps=10, n_context=1, early_stop=False)
 
 
-def call(fn, db, **kw):
-    with open_workspace(db) as w:
-        return fn(w, **kw)
-
-
 def apply(db, corpus):
     return call(ops.apply_pending, db, corpus=corpus, stats_tokens=STATS_TOKENS, overrides=OVERRIDES)
-
-
-def rows(db, model, **where):
-    with open_workspace(db) as w, w.reading() as s:
-        q = select(model)
-        for k, v in where.items():
-            q = q.where(getattr(model, k) == v)
-        return list(s.scalars(q))
 
 
 def counter_edit(db, fraction: float) -> int:

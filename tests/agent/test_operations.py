@@ -1,7 +1,6 @@
 """apply / undo / redo on the editable tiny model: what the ledger records and what the weights become."""
 import pytest
 import torch
-from sqlalchemy import select
 
 from knowledger.agent import operations as ops
 from knowledger.agent.export import ask
@@ -11,7 +10,7 @@ from knowledger.editors.evaluate import fact_metrics
 from knowledger.ledger import repository as repo
 from knowledger.ledger.errors import NotFound
 from knowledger.ledger.models import (Delta, Operation, OperationRequest, Request, RequestVector)
-from tests.agent.helpers import BAD, GOOD, STATS_TOKENS, submit
+from tests.agent.helpers import BAD, GOOD, STATS_TOKENS, call, rows, submit
 
 OVERRIDES = dict(layers=[1, 2], v_steps=10, n_context=1, early_stop=False)
 
@@ -19,19 +18,6 @@ OVERRIDES = dict(layers=[1, 2], v_steps=10, n_context=1, early_stop=False)
 def apply(db, corpus, **kw):
     with open_workspace(db) as w:
         return ops.apply_pending(w, corpus=corpus, stats_tokens=STATS_TOKENS, overrides=OVERRIDES, **kw)
-
-
-def call(fn, db, **kw):
-    with open_workspace(db) as w:
-        return fn(w, **kw)
-
-
-def rows(db, model, **where):
-    with open_workspace(db) as w, w.reading() as s:
-        q = select(model)
-        for k, v in where.items():
-            q = q.where(getattr(model, k) == v)
-        return list(s.scalars(q))
 
 
 def status(db, fact_id):
