@@ -110,7 +110,7 @@ def checkpoints(n_batches: int, points: int) -> set[int]:
 def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size: int, hp,
         corpus=None, progress: bool = True, sequential: bool = True, curve_points: int = 10,
         heldout_tokens: int = 8192, entropy_prompts: int = 32, health: Health | None = None,
-        settings=None, log: Callable[[str], None] = lambda s: None) -> dict:
+        settings=None, log: Callable[[str], None] = lambda s: None, hypernet=None) -> dict:
     """Edit `requests` in consecutive batches; return the run record. The model is restored after.
 
     sequential (the lifelong protocol): batches pile up on the same weights, a past-edit memory
@@ -118,7 +118,8 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
     edited so far are all re-evaluated, with perplexity on held-out text and the edited layers'
     norm growth: the curves. Not sequential: each batch is edited on the unedited weights.
     editor "auto" picks per batch as the scheduler would (agent.scheduler.choose_editor) given the
-    edits applied so far and the current norm growth.
+    edits applied so far and the current norm growth. hypernet: the folder of a trained MALMEN
+    hyper-network, for editor "malmen".
     """
     from knowledger.agent.scheduler import EditSettings, History, choose_editor
     from knowledger.editors.memory import KeyMemory
@@ -129,7 +130,7 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
 
     def get(method):
         if method not in eds:
-            eds[method] = make_editor(lm, method, hp, corpus, progress=progress)
+            eds[method] = make_editor(lm, method, hp, corpus, progress=progress, hypernet=hypernet)
         return eds[method]
 
     first = get(choose_editor(min(batch_size, len(requests)), editor, settings.auto_memit_min_batch,
@@ -162,8 +163,9 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
             if sequential:
                 memory.add({l: K for l, K in res.keys.items()})
             phases["apply_s"] += time.perf_counter() - t
-            for k in ("contexts_s", "values_s", "keys_s", "solve_s"):
-                phases[k] += res.timings.get(k, 0.0)
+            for k, v in res.timings.items():  # MALMEN's phases: cache_s, hypernet_s, solve_s
+                if k.endswith("_s") and k != "total_s":
+                    phases[k] = phases.get(k, 0.0) + v
             converged += sum(s["converged"] for s in res.value_stats)
             t = time.perf_counter()
             own = fact_metrics(lm.model, lm.tokenizer, batch)
@@ -213,6 +215,8 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
         "values_converged": converged / len(requests),
         "peak_rss_mb": peak_rss_mb(),
         "hparams": hp.to_dict(),
+        **({"hypernet": dict(path=str(hypernet), sha256=eds["malmen"].sha,
+                             hyper=eds["malmen"].net.config.to_dict())} if "malmen" in eds else {}),
     }
 
 

@@ -5,8 +5,8 @@ Settings live in the ledger's `settings` table (key → JSON). `apply` stores wh
 agent.scheduler.EditSettings); the keys below are the ones set with `knowledger config set KEY
 VALUE`. Each is a number with a lower bound (or a name from a list); a value is checked before it
 is stored. Defaults are
-explained in docs/audit.md (audit_*), docs/agent.md (batch_size, auto_memit_min_batch) and
-docs/lifelong.md (lifelong_*).
+explained in docs/audit.md (audit_*), docs/agent.md (batch_size, auto_memit_min_batch,
+malmen_min_batch) and docs/lifelong.md (lifelong_*).
 """
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ def _knobs() -> dict[str, Knob]:
              "reaches this", exclusive=True),
         Knob("lifelong_editor", str, edit.lifelong_editor, 0, "editor auto picks past the lifelong "
              "thresholds", choices=LIFELONG_EDITORS),
+        Knob("malmen_min_batch", int, edit.malmen_min_batch, 0,
+             "editor auto: MALMEN for batches of this many facts or more, once a hyper-network is "
+             "registered (knowledger hypernet add); 0: never (the default, docs/benchmarks.md)"),
         Knob("audit_every", int, audit.audit_every, 0,
              "apply runs an audit after this many new apply/redo operations (0: never)"),
         Knob("audit_margin_drop", float, audit.audit_margin_drop, 0.0,
@@ -79,6 +82,8 @@ def _knobs() -> dict[str, Knob]:
 
 # Stored by `apply` (shown by `config show`, not settable here).
 APPLY_KEYS = ("stats_corpus", "stats_tokens", "hparams_preset", "hparams_overrides")
+# Stored by other commands (shown by `config show`, not settable here): key -> who sets it.
+OTHER_KEYS = {"malmen_hypernet": "knowledger hypernet add / use"}
 
 
 def show(ws: Workspace) -> list[dict]:
@@ -89,6 +94,8 @@ def show(ws: Workspace) -> list[dict]:
                  set=k.key in stored, settable=True, help=k.help) for k in _knobs().values()]
     rows += [dict(key=key, value=stored.get(key), default=None, set=key in stored, settable=False,
                   help="stored by knowledger apply") for key in APPLY_KEYS]
+    rows += [dict(key=key, value=stored.get(key), default=None, set=key in stored, settable=False,
+                  help=f"set by {who}") for key, who in OTHER_KEYS.items()]
     return rows
 
 
@@ -96,7 +103,8 @@ def set_value(ws: Workspace, key: str, raw: str) -> dict:
     """Check and store one setting; returns {key, old, new}."""
     knobs = _knobs()
     if key not in knobs:
-        hint = " (it is stored by knowledger apply: pass it there)" if key in APPLY_KEYS else ""
+        hint = (" (it is stored by knowledger apply: pass it there)" if key in APPLY_KEYS else
+                f" (it is set by {OTHER_KEYS[key]})" if key in OTHER_KEYS else "")
         raise ValueError(f"unknown setting {key!r}{hint}; settable: {', '.join(knobs)}")
     value = knobs[key].parse(raw)
     with ws.writing() as s:

@@ -66,7 +66,17 @@ def ensure_stats(lm: LoadedModel, hp: EditHParams, corpus: str | Path | None, *,
     return lm.stats
 
 
-def make_editor(lm: LoadedModel, method: str, hp: EditHParams, corpus=None, *, progress=True) -> Editor:
+def make_editor(lm: LoadedModel, method: str, hp: EditHParams, corpus=None, *, progress=True,
+                hypernet: str | os.PathLike | None = None):
+    """An editor for `method`; MALMEN's comes from a trained hyper-network folder and needs no
+    key statistics, the others' from the statistics (computed or cached)."""
+    if method == "malmen":
+        from knowledger.editors.malmen import MalmenEditor, load_hypernet
+
+        if not hypernet:
+            raise ValueError("the malmen editor needs --hypernet DIR (a folder made by `knowledger train-malmen`)")
+        net, sha = load_hypernet(hypernet)
+        return MalmenEditor(lm.model, lm.tokenizer, net, sha=sha)
     stats = ensure_stats(lm, hp, corpus, progress=progress)
     return Editor(lm.model, lm.tokenizer, hp, method=method, second_moments=stats,
                   weights_sha=lm.weights_sha256)
@@ -114,7 +124,7 @@ def requests_from_facts(facts) -> list:
 
 
 def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams, corpus=None,
-                progress: bool = True, top_k: int = 3) -> dict:
+                progress: bool = True, top_k: int = 3, hypernet=None) -> dict:
     """Edit the loaded model in place (no ledger) and report before/after top tokens per prompt.
 
     ROME edits one fact at a time, so several facts are applied one after another.
@@ -126,7 +136,7 @@ def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams
                                                                            *(q for q, _ in r.neighborhood))}
                 for r in requests]
 
-    editor = make_editor(lm, method, hp, corpus, progress=progress)
+    editor = make_editor(lm, method, hp, corpus, progress=progress, hypernet=hypernet)
     before = probe()
     groups = [[r] for r in requests] if method == "rome" else [requests]
     timings: dict[str, float] = {}
@@ -142,4 +152,5 @@ def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams
     return {"editor": method, "layers": list(editor.layers), "stats_s": lm.stats_s, "timings": timings,
             "facts": [{"prompt": r.text, "target_new": r.target_new, "target_true": r.target_true,
                        "before": b, "after": a, "metrics": m, "v_star": s}
-                      for r, b, a, m, s in zip(requests, before, after, metrics, value_stats)]}
+                      for r, b, a, m, s in zip(requests, before, after, metrics,
+                                               value_stats or [None] * len(requests))]}

@@ -77,12 +77,13 @@ def fact_view(r: Request) -> dict:
                 superseded_by=r.superseded_by_id, fingerprint=r.fingerprint)
 
 
-def operation_view(op: Operation, n_facts: int | None = None) -> dict:
+def operation_view(op: Operation, n_facts: int | None = None, hypernet_sha256: str | None = None) -> dict:
+    """An operation as listings show it; `hypernet_sha256`: the MALMEN hyper-network it ran on."""
     return dict(id=op.id, seq=op.seq, kind=op.kind.value, status=op.status.value, editor=op.editor,
                 distribution=op.distribution, layers=op.layers_json, facts=n_facts,
                 target_operation_id=op.target_operation_id, started_at=iso(op.started_at),
                 finished_at=iso(op.finished_at), error=op.error,
-                weights_sha256_after=op.weights_sha256_after)
+                weights_sha256_after=op.weights_sha256_after, hypernet_sha256=hypernet_sha256)
 
 
 def list_facts(ws: Workspace, *, status: str | None = None, limit: int | None = 20) -> list[dict]:
@@ -96,7 +97,8 @@ def list_operations(ws: Workspace, *, status: str | None = None, limit: int | No
     with ws.reading() as s:
         ops = repo.list_operations(s, status=status, limit=limit)
         counts = repo.operation_request_counts(s, [op.id for op in ops])
-        return [operation_view(op, counts.get(op.id, 0)) for op in ops]
+        shas = repo.artifact_shas(s, [op.artifact_id for op in ops])
+        return [operation_view(op, counts.get(op.id, 0), shas.get(op.artifact_id)) for op in ops]
 
 
 def show_fact(ws: Workspace, fact_id: int) -> dict:
@@ -105,9 +107,12 @@ def show_fact(ws: Workspace, fact_id: int) -> dict:
         view = fact_view(repo.get_request(s, fact_id))
         view["history"] = [dict(at=iso(e.at), status=e.status.value, reason=e.reason,
                                 operation_id=e.operation_id) for e in repo.request_history(s, fact_id)]
+        held = repo.request_operations(s, fact_id)
+        shas = repo.artifact_shas(s, [op.artifact_id for op, _ in held])
         view["operations"] = [dict(seq=op.seq, kind=op.kind.value, status=op.status.value,
-                                   outcome=link.outcome.value)
-                              for op, link in repo.request_operations(s, fact_id)]
+                                   outcome=link.outcome.value, editor=op.editor,
+                                   hypernet_sha256=shas.get(op.artifact_id))
+                              for op, link in held]
         view["supersedes"] = repo.superseded_facts(s, fact_id)
     return view
 

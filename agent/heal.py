@@ -2,7 +2,8 @@
 
 A **heal** operation re-applies facts an audit found drifted (agent.audit) on the live weights:
 `EditSession.edit_batch(kind=heal)`, batches of the `batch_size` setting, the editor apply's
-`auto` would pick now (agent.scheduler.choose_editor), the workspace's hyperparameters, checked with the apply criterion and committed like an apply. It is
+`auto` would pick now (agent.scheduler.choose_editor), the workspace's hyperparameters (MALMEN:
+its current hyper-network), checked with the apply criterion and committed like an apply. It is
 a delta-carrying operation (ledger.repository.DELTA_KINDS): active until undone, replayed like any
 other. It does not own its facts: the operation that applied a fact (its *original*) stays active
 and keeps holding it, the fact stays `applied` (a "healed" event in its history), and a fact whose
@@ -29,7 +30,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from knowledger.agent import operations as ops
-from knowledger.agent.scheduler import choose_editor
+from knowledger.agent.scheduler import MALMEN, choose_editor
 from knowledger.agent.workspace import Workspace
 from knowledger.ledger import repository as repo
 from knowledger.ledger.errors import KnowledgerError
@@ -61,7 +62,8 @@ def heal(es: ops.EditSession, report: dict) -> dict:
                 history = ops.workspace_history(s)
             method, _ = choose_editor(len(batch), "auto", es.settings.auto_memit_min_batch, history,
                                       es.settings)
-            rec = es.edit_batch(batch, method, hp, kind=HEAL, why=f"healed after drifting (audit #{run_id})")
+            rec = es.edit_batch(batch, method, es.batch_hparams(method) if method == MALMEN else hp, kind=HEAL,
+                                why=f"healed after drifting (audit #{run_id})")
             # A heal never changes what a fact is: its original edit is still active.
             rec.facts = [f if f.outcome == RequestOutcome.applied else
                          replace(f, status=None, reason=f"heal failed; still applied by its original "
@@ -169,7 +171,7 @@ def redo(ws: Workspace, *, fact_id: int | None = None, seq: int | None = None, w
         if not others:
             rec = es.reuse_record(op, [req], factors, vectors)
         else:
-            rec = es.edit_batch([req], op.editor, es.hparams(op.hparams_json), kind=OperationKind.redo,
+            rec = es.edit_batch([req], op.editor, es.batch_hparams(op.editor, op), kind=OperationKind.redo,
                                 target=(op.id, op.seq), why="redone (recomputed alone)")
         es.commit([rec])
         return dict(operations=[rec.summary()], notes=es.notes, weights_sha256=es.live.state_hash,

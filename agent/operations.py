@@ -23,6 +23,12 @@ editor and hparams recorded with the batch, recomputed on the current weights). 
 every later active operation is undone too and its facts recomputed in order on top of the
 reverted state. Redo of an operation (or of a fact that was alone in its batch) reuses the
 recorded deltas verbatim; redo of one fact of a larger batch recomputes it alone.
+
+MALMEN batches are computed by a registered hyper-network (agent.hypernets), not from EditHParams:
+a new batch uses the workspace's current one, and every recomputation of an operation's facts
+(undo's re-apply, rebase, redo of one fact, replay --recompute) uses the one that operation
+recorded (`artifact_id`), loaded only if its files still hash to the registered sha256. Its
+`hparams_json` is the hyper-network's HyperConfig plus `hypernet_sha256`, never EditHParams.
 """
 from __future__ import annotations
 
@@ -33,13 +39,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from knowledger.agent import hypernets
 from knowledger.agent import memory as amem
 from knowledger.agent.editing import ensure_stats, open_model
 from knowledger.agent.live import (ActiveDelta, LiveModel, delta_from_factors, expected_state,
                                    factors_from_delta, load_base, lock_path, open_live,
                                    remove_stale_temporaries, snapshot_path, state_hash, stored_delta)
 from knowledger.agent.lock import WorkspaceLock, fault_point, try_lock
-from knowledger.agent.scheduler import EditSettings
+from knowledger.agent.scheduler import MALMEN, EditSettings
 from knowledger.agent.workspace import Workspace, normalise_model
 from knowledger.editors.editor import LIFELONG, Editor
 from knowledger.editors.memory import KeyMemory
@@ -86,6 +93,7 @@ class OpRecord:
     metrics: dict = field(default_factory=dict)
     error: str | None = None
     started_at: datetime = field(default_factory=utcnow)
+    artifact_id: int | None = None  # the MALMEN hyper-network it was computed with
 
     def summary(self) -> dict:
         by = lambda o: [f.request_id for f in self.facts if f.outcome == o]  # noqa: E731
@@ -131,6 +139,7 @@ class EditSession:
     notes: list[str]
     progress: bool = False
     _editors: dict = field(default_factory=dict)
+    _malmen: dict = field(default_factory=dict)  # (sha256, id(model)) -> MalmenEditor
     _stats_key: tuple | None = None
     _memory: KeyMemory | None = None  # the past-edit memory of the live weights (agent.memory)
 
@@ -170,8 +179,22 @@ class EditSession:
             raise ValueError(f"unknown hyperparameter(s): {', '.join(unknown)}")
         return hp.replace(**overrides) if overrides else hp
 
-    def editor(self, method: str, hp: EditHParams) -> Editor:
-        """An editor whose key statistics and context prefixes come from the BASE weights."""
+    def batch_hparams(self, method: str, op=None, *, same_weights: bool = True):
+        """What edit_batch computes a batch of `method` with. MALMEN: the hyper-network `op` ran on
+        (a recorded operation's facts are recomputed with it, never with a newer one), else the
+        workspace's current one. The others: EditHParams, as `op` recorded them on the same
+        weights, else from the settings."""
+        if method != MALMEN:
+            return self.hparams(op.hparams_json if op is not None and same_weights else None)
+        with self.ws.reading() as s:  # the current one as this command's settings (and plan) saw it
+            return hypernets.current_ref(s, self.settings.malmen_hypernet) if op is None \
+                else hypernets.recorded_ref(s, op)
+
+    def editor(self, method: str, hp):
+        """An editor whose key statistics and context prefixes come from the BASE weights; for
+        MALMEN (hp a HypernetRef) one on the live weights, which is what its gradients are of."""
+        if method == MALMEN:
+            return self.malmen_editor(hp)
         key = (method, hp.to_json())
         if key not in self._editors:
             lm = self.live.lm
@@ -187,6 +210,22 @@ class EditSession:
                 ed.contexts  # noqa: B018 (generated now, from the base weights)
             self._editors[key] = ed
         return self._editors[key]
+
+    def malmen_editor(self, ref: hypernets.HypernetRef):
+        """A MalmenEditor on the live model with a registered hyper-network, loaded once per
+        session after checking its files against the registered sha256 and its shape against
+        the model."""
+        from knowledger.editors.malmen import MalmenEditor
+
+        lm = self.live.lm
+        key = (ref.sha256, id(lm.model))
+        if key not in self._malmen:
+            net, sha = hypernets.load_verified(self.ws.location, ref)
+            try:
+                self._malmen[key] = MalmenEditor(lm.model, lm.tokenizer, net, sha=sha)
+            except ValueError as e:  # editors.malmen.check_compatible
+                raise KnowledgerError(f"MALMEN hyper-network {sha[:12]}: {e}") from e
+        return self._malmen[key]
 
     # --- building records ------------------------------------------------------------------------
     def undo_record(self, target_id: int, target_seq: int, reverted: list[int]) -> OpRecord:
@@ -211,19 +250,20 @@ class EditSession:
         records.append(self.undo_record(target.id, target.seq, [r.id for r in applied]))
         rest = [r for r in applied if fact is not None and r.id != fact.id]
         if rest:
-            records.append(self.edit_batch(rest, target.editor, self.hparams(target.hparams_json),
+            records.append(self.edit_batch(rest, target.editor, self.batch_hparams(target.editor, target),
                                            why=f"re-applied after undoing fact #{fact.id}"))
         for op, rs in later:
             if rs:
-                records.append(self.edit_batch(rs, op.editor, self.hparams(op.hparams_json),
+                records.append(self.edit_batch(rs, op.editor, self.batch_hparams(op.editor, op),
                                                why=f"rebased after undoing seq {target.seq}"))
         return records
 
-    def edit_batch(self, rows: list[Request], method: str, hp: EditHParams, *,
+    def edit_batch(self, rows: list[Request], method: str, hp, *,
                    kind: OperationKind = OperationKind.apply, target: tuple[int, int] | None = None,
                    why: str = "applied") -> OpRecord:
         """Compute one batch on the live weights, check it, retry once without failures.
 
+        `hp`: what batch_hparams gives for `method` (EditHParams, or a HypernetRef for MALMEN).
         Leaves the live model at the result (or unchanged for a failed operation).
         """
         t0 = time.perf_counter()
@@ -256,9 +296,8 @@ class EditSession:
         m_before = dict(zip((r.id for r in reqs), before))
         m_after = dict(zip((r.id for r in todo), after)) if result is not None else {}
         rec = OpRecord(seq=self.take_seq(), kind=kind, base_model_id=live.base_model_id,
-                       editor=method, distribution="last" if method == "rome" else hp.distribution,
-                       hparams=hp.to_dict(), before=h_before, started_at=utcnow(),
-                       target_operation_id=target[0] if target else None)
+                       editor=method, before=h_before, started_at=utcnow(),
+                       target_operation_id=target[0] if target else None, **_recipe(method, hp, editor))
         for r in reqs:
             stats = None
             if r.id in failed:
@@ -296,8 +335,8 @@ class EditSession:
             criterion=CRITERION, target_seq=target[1] if target else None,
             before=aggregate(before), after=aggregate(after) if result is not None else None,
             failed=sorted(failed), norm_growth=max(live.norm_growth().values(), default=0.0),
-            stats=dict(corpus=self.settings.stats_corpus,
-                                              tokens=hp.stats_tokens),
+            stats=None if method == MALMEN else dict(corpus=self.settings.stats_corpus,
+                                                     tokens=hp.stats_tokens),
             diagnostics={k: v for k, v in (result.diagnostics if result else {}).items()}))
         return rec
 
@@ -313,7 +352,8 @@ class EditSession:
         rec = OpRecord(
             seq=seq, kind=OperationKind.redo, base_model_id=live.base_model_id,
             target_operation_id=op.id, editor=op.editor, distribution=op.distribution,
-            hparams=op.hparams_json, deltas=factors, before=before, after=live.state_hash,
+            hparams=op.hparams_json, artifact_id=op.artifact_id, deltas=factors, before=before,
+            after=live.state_hash,
             vectors=[v for v in vectors if v.request_id in ids],
             facts=[_clean_outcome(FactOutcome(r.id, RequestOutcome.applied, RequestStatus.applied,
                                               f"redone with the deltas of operation seq {op.seq}",
@@ -342,7 +382,7 @@ class EditSession:
                     layers_json=sorted({d.layer for d in rec.deltas}) or None,
                     target_operation_id=rec.target_operation_id, timings_json=rec.timings,
                     metrics_json=rec.metrics, error=rec.error, weights_sha256_before=rec.before,
-                    weights_sha256_after=rec.after)
+                    weights_sha256_after=rec.after, artifact_id=rec.artifact_id)
                 if op.seq != rec.seq:
                     raise KnowledgerError(f"operation seq {op.seq} was expected to be {rec.seq}: another "
                                           f"process recorded operations without the workspace lock")
@@ -366,6 +406,15 @@ class EditSession:
             self.head_seq = max(heads)
         live.write_snapshot(snapshot_path(self.ws.location), self.head_seq)
         fault_point("after-snapshot")
+
+
+def _recipe(method: str, hp, editor) -> dict:
+    """How a batch was computed, as its operation records it: distribution, hparams, artifact.
+    MALMEN records its hyper-network (HyperConfig + sha256, and the artifact row), no distribution."""
+    if method == MALMEN:
+        return dict(distribution=None, artifact_id=hp.artifact_id,
+                    hparams=dict(editor.net.config.to_dict(), hypernet_sha256=editor.sha))
+    return dict(distribution="last" if method == "rome" else hp.distribution, hparams=hp.to_dict())
 
 
 def _clean_outcome(fo: FactOutcome) -> FactOutcome:
@@ -418,6 +467,8 @@ def plan_pending(ws: Workspace, *, batch_size: int | None = None, editor: str = 
         raise NothingToDo("nothing pending to apply: submit facts first (knowledger submit)")
     p = plan(pending, batch_size=batch_size or settings.batch_size, editor=editor,
              memit_min_batch=settings.auto_memit_min_batch, history=history, settings=settings)
+    if not settings.malmen_hypernet and any(b.editor == MALMEN for b in p.batches):
+        raise KnowledgerError(hypernets.NONE_REGISTERED)
     return p, settings, changes, {f.id: f for f in pending}
 
 
@@ -453,8 +504,11 @@ def apply_pending(ws: Workspace, *, batch_size: int | None = None, editor: str =
     with session(ws, what="apply", wait=wait, progress=progress) as es:
         p, settings, changes, facts = plan_pending(ws, **kw)  # under the lock: the final pending set
         es.settings = settings
-        hp = es.hparams()
-        es.editor(p.batches[0].editor, hp)  # checks layers against the model, computes statistics
+        hp = es.hparams()  # checks the overrides even when every batch is MALMEN
+        hps = {name: es.batch_hparams(name) if name == MALMEN else hp for name in {b.editor for b in p.batches}}
+        es.editor(p.batches[0].editor, hps[p.batches[0].editor])  # checks layers, computes statistics
+        if MALMEN in hps:  # the hyper-network's files and shape, before any batch is written
+            es.editor(MALMEN, hps[MALMEN])
         with ws.writing() as s:
             settings.save(s)
             for old, new in p.superseded:
@@ -465,7 +519,7 @@ def apply_pending(ws: Workspace, *, batch_size: int | None = None, editor: str =
         for b in p.batches:
             with ws.reading() as s:
                 rows = repo.requests_by_ids(s, b.fact_ids)
-            rec = es.edit_batch(rows, b.editor, hp)
+            rec = es.edit_batch(rows, b.editor, hps[b.editor])
             es.commit([rec])
             ops.append(rec.summary())
         return dict(dry_run=False, plan=p.as_dict(facts), settings_changes=changes, operations=ops,
@@ -578,7 +632,7 @@ def redo(ws: Workspace, *, fact_id: int | None = None, seq: int | None = None, w
         if reuse:
             rec = es.reuse_record(op, rows, factors, vectors)
         else:
-            rec = es.edit_batch(rows, op.editor, es.hparams(op.hparams_json), kind=OperationKind.redo,
+            rec = es.edit_batch(rows, op.editor, es.batch_hparams(op.editor, op), kind=OperationKind.redo,
                                 target=(op.id, op.seq), why="redone (recomputed alone)")
         es.commit([rec])
         return dict(operations=[rec.summary()], notes=es.notes, weights_sha256=es.live.state_hash,
@@ -658,13 +712,13 @@ def replay_recompute(ws: Workspace, *, model: str | None = None, wait: bool = Fa
     weights) with one `replay` operation per replayed batch, each targeting the operation it
     replays; the old operations stay in the ledger but are no longer active. Batches keep their
     editor; hyperparameters are the recorded ones on the same weights, else the new model's preset
-    with the workspace overrides. Facts that fail on the new lineage become `failed`.
+    with the workspace overrides; MALMEN batches keep their hyper-network (a model of another
+    shape refuses it with a clear error). Facts that fail on the new lineage become `failed`.
     """
     with session(ws, what="replay", wait=wait, load_live=False, progress=progress) as es:
         with ws.reading() as s:
             base = repo.current_base_model(s)
-            batches = [(op.id, op.seq, op.editor, op.hparams_json, _applied(s, op.id))
-                       for op in repo.active_operations(s, base.id)
+            batches = [(op, _applied(s, op.id)) for op in repo.active_operations(s, base.id)
                        if op.kind != OperationKind.heal]  # a heal re-applies facts its origin holds
             old_name, old_sha = base.name_or_path, base.weights_sha256
         name = normalise_model(model) if model else old_name
@@ -678,9 +732,9 @@ def replay_recompute(ws: Workspace, *, model: str | None = None, wait: bool = Fa
         new_base = dict(name_or_path=name, architecture=str(lm.model.config.model_type),
                         weights_sha256=lm.weights_sha256,
                         config=json.loads(lm.model.config.to_json_string(use_diff=False)))
-        records = [es.edit_batch(facts, editor, es.hparams(hp_json if same else None),
-                                 kind=OperationKind.replay, target=(op_id, seq), why=f"replayed on {name}")
-                   for op_id, seq, editor, hp_json, facts in batches if facts]
+        records = [es.edit_batch(facts, op.editor, es.batch_hparams(op.editor, op, same_weights=same),
+                                 kind=OperationKind.replay, target=(op.id, op.seq), why=f"replayed on {name}")
+                   for op, facts in batches if facts]
         es.commit(records, new_base=new_base)
         facts = [dict(id=f.request_id, outcome=f.outcome.value, seq=r.seq, replays_seq=r.metrics.get("target_seq"),
                       p_new=((f.metrics or {}).get("after") or {}).get("rewrite_p_new"), reason=f.reason)

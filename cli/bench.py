@@ -43,7 +43,7 @@ def _bench_command(dataset: str):
     @click.option("--out", type=click.Path(dir_okay=False), help="Write the run's JSON here.")
     @click.option("--json", "as_json", is_flag=True, help="Print the JSON instead of the table.")
     @main_errors
-    def command(model_name, corpus, stats_tokens, preset, sets, data, n, offset, batch_size, editor,
+    def command(model_name, hypernet, corpus, stats_tokens, preset, sets, data, n, offset, batch_size, editor,
                 sequential, curve_points, heldout_tokens, out, as_json):
         from knowledger.agent import bench as B
         from knowledger.agent.editing import open_model, resolve_hparams
@@ -64,7 +64,7 @@ def _bench_command(dataset: str):
                                          param_hint="--batch-size")
             record = B.run(lm, requests, editor=editor, batch_size=batch_size, hp=hp, corpus=corpus,
                            progress=not as_json, sequential=sequential, curve_points=curve_points,
-                           heldout_tokens=heldout_tokens)
+                           heldout_tokens=heldout_tokens, hypernet=hypernet)
         record.update(dataset=dataset, data=str(data), offset=offset, skipped_invalid=skipped,
                       model=lm.name, weights_sha256=lm.weights_sha256, corpus=corpus,
                       command="knowledger " + " ".join(sys.argv[1:]) if sys.argv else None)
@@ -98,8 +98,8 @@ def table(results, md, png, curves):
     from knowledger.agent import bench as B
 
     runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in results]
-    order = {"none (unedited)": 0, "memit": 1, "emmet": 2, "alphaedit": 3, "encore": 4, "auto": 5}
-    runs.sort(key=lambda r: (order.get(r["editor"], 6), r["editor"], r["batch_size"]))
+    order = {"none (unedited)": 0, "memit": 1, "emmet": 2, "alphaedit": 3, "encore": 4, "malmen": 5, "auto": 6}
+    runs.sort(key=lambda r: (order.get(r["editor"], 7), r["editor"], r["batch_size"]))
     text = B.markdown_table(runs)
     if md:
         Path(md).write_text(text + "\n", encoding="utf-8")

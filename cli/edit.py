@@ -8,7 +8,7 @@ import click
 from .common import echo_json, main_errors
 from .main import cli
 
-EDITORS = ("emmet", "memit", "rome", "pmet", "alphaedit", "encore")
+EDITORS = ("emmet", "memit", "rome", "pmet", "alphaedit", "encore", "malmen")
 
 
 def parse_sets(pairs: tuple[str, ...]) -> dict:
@@ -38,6 +38,8 @@ def hparam_options(f):
     f = click.option("--corpus", type=click.Path(exists=True, dir_okay=False),
                      help="Text or JSONL corpus for key statistics [default: text sampled from the model].")(f)
     f = click.option("--model", "model_name", help="Model name or path [default: SmolLM2-135M-Instruct].")(f)
+    f = click.option("--hypernet", type=click.Path(exists=True, file_okay=False),
+                     help="A MALMEN hyper-network folder (from train-malmen), for --editor malmen.")(f)
     return f
 
 
@@ -56,7 +58,7 @@ def hparam_options(f):
 @click.option("--out", type=click.Path(file_okay=False), help="Save the edited model here (HF folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @main_errors
-def edit(model_name, corpus, stats_tokens, preset, sets, editor, prompt, subject, target, target_true,
+def edit(model_name, hypernet, corpus, stats_tokens, preset, sets, editor, prompt, subject, target, target_true,
          paraphrases, neighbors, fact_file, out, as_json):
     """Edit facts directly into a model (no ledger) and show top next tokens before and after.
 
@@ -83,7 +85,7 @@ def edit(model_name, corpus, stats_tokens, preset, sets, editor, prompt, subject
     lm = open_model(model_name)
     hp = resolve_hparams(lm, preset, overrides)
     report = direct_edit(lm, requests_from_facts(facts), method=editor, hp=hp, corpus=corpus,
-                         progress=not as_json)
+                         progress=not as_json, hypernet=hypernet)
     if out:
         report["saved_to"] = str(save_model(lm, out))
     if as_json:
@@ -96,7 +98,11 @@ def edit(model_name, corpus, stats_tokens, preset, sets, editor, prompt, subject
             click.echo(f"    before: {_tokens(fact['before'][p])}")
             click.echo(f"    after:  {_tokens(fact['after'][p])}")
     t = report["timings"]
-    click.echo(f"{editor} on layers {report['layers']}: v* {t.get('values_s', 0):.2f}s, keys "
-               f"{t.get('keys_s', 0):.2f}s, solve {t.get('solve_s', 0):.2f}s (statistics {report['stats_s']:.1f}s)")
+    if editor == "malmen":
+        click.echo(f"malmen on layers {report['layers']}: gradients {t.get('cache_s', 0):.2f}s, hyper-network "
+                   f"{t.get('hypernet_s', 0):.2f}s, solve {t.get('solve_s', 0):.2f}s")
+    else:
+        click.echo(f"{editor} on layers {report['layers']}: v* {t.get('values_s', 0):.2f}s, keys "
+                   f"{t.get('keys_s', 0):.2f}s, solve {t.get('solve_s', 0):.2f}s (statistics {report['stats_s']:.1f}s)")
     if out:
         click.echo(f"saved the edited model to {report['saved_to']}")

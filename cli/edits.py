@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from knowledger.agent.scheduler import EDITOR_CHOICES
 from knowledger.agent.workspace import open_workspace
 from knowledger.cli.common import db_option, echo_json, json_option, main_errors, short_sha
 from knowledger.cli.edit import parse_sets
@@ -57,8 +58,10 @@ def _print_head(report: dict) -> None:
 @cli.command()
 @click.option("--batch-size", type=click.IntRange(min=1), help="Facts per batch [default: the "
               "workspace setting batch_size, 16].")
-@click.option("--editor", type=click.Choice(["auto", "emmet", "memit", "rome", "pmet", "alphaedit", "encore"]), default="auto",
-              show_default=True, help="auto: EMMET below auto_memit_min_batch facts, MEMIT from it on.")
+@click.option("--editor", type=click.Choice(EDITOR_CHOICES), default="auto", show_default=True,
+              help="auto: MALMEN for batches of malmen_min_batch facts (setting, default 0: never) once a "
+                   "hyper-network is registered (knowledger hypernet add), else EMMET below auto_memit_min_batch facts, MEMIT from it on "
+                   "(and the lifelong editor past the lifelong_* thresholds).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (batches, editors, facts); change nothing.")
 @click.option("--corpus", type=click.Path(exists=True, dir_okay=False),
               help="Text or JSONL corpus for the key statistics (stored as a workspace setting).")

@@ -103,8 +103,9 @@ def log(what, status, limit, db, as_json):
         click.echo(f"No {what}" + (f" with status {status}." if status else "."))
     elif what == "operations":
         for op in rows:
+            hypernet = f"  hypernet {short_sha(op['hypernet_sha256'])}" if op["hypernet_sha256"] else ""
             click.echo(f"seq {op['seq']:<4} {op['kind']:<7} {op['status']:<10} {op['editor'] or '-':<8} "
-                       f"{op['facts']} facts  {op['started_at']}")
+                       f"{op['facts']} facts  {op['started_at']}{hypernet}")
     else:
         for f in rows:
             was = f" (was {f['target_true']})" if f["target_true"] else ""
@@ -150,4 +151,5 @@ def show(fact_id, db, as_json):
         click.echo(f"  {e['at']}  {e['status']:<10} {e['reason'] or ''}{op}".rstrip())
     click.echo("Operations:" + ("" if f["operations"] else " -"))
     for op in f["operations"]:
-        click.echo(f"  seq {op['seq']:<4} {op['kind']:<7} {op['status']:<10} {op['outcome']}")
+        hypernet = f"  ({op['editor']}, hypernet {short_sha(op['hypernet_sha256'])})" if op["hypernet_sha256"] else ""
+        click.echo(f"  seq {op['seq']:<4} {op['kind']:<7} {op['status']:<10} {op['outcome']}{hypernet}")

@@ -22,7 +22,7 @@ def _register():
     # Imported for their side effect of adding commands to `cli`; one module per noun.
     import importlib
 
-    for mod in ("workspace", "facts", "db", "edit", "bench", "edits", "audit", "config"):
+    for mod in ("workspace", "facts", "db", "edit", "bench", "edits", "audit", "config", "malmen", "hypernet"):
         try:
             importlib.import_module(f"knowledger.cli.{mod}")
         except ModuleNotFoundError as e:  # a module not written yet

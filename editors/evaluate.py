@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .forward import unembed
 from .model_spec import spec_for
 from .requests import EditRequest
-from .tokens import pad_id, pad_right, target_ids
+from .tokens import teacher_forced
 
 
 @dataclass(frozen=True)
@@ -39,32 +39,21 @@ def score(model, tokenizer, items: list[tuple[str, str]], batch_size: int = 64) 
     device = next(model.parameters()).device
     out: list[Score] = []
     for s in range(0, len(items), batch_size):
-        chunk = items[s : s + batch_size]
-        rows, pos, tgt, owner = [], [], [], []
-        for j, (prompt, target) in enumerate(chunk):
-            p_ids = tokenizer(prompt)["input_ids"]
-            t_ids = target_ids(tokenizer, target)
-            for k, t in enumerate(t_ids):
-                pos.append((j, len(p_ids) - 1 + k)); tgt.append(t); owner.append(j)
-            rows.append(list(p_ids) + t_ids[:-1])
-        batch = pad_right(rows, [0] * len(rows), pad_id(tokenizer))
-        ids = batch.ids.to(device)  # (B, T), on the model's device (an audit runs on CUDA)
+        tf = teacher_forced(tokenizer, items[s : s + batch_size])
+        ids = tf.batch.ids.to(device)  # (B, T), on the model's device (an audit runs on CUDA)
         hidden = base(input_ids=ids, attention_mask=torch.ones_like(ids),
                       use_cache=False).last_hidden_state  # (B, T, d)
-        r = torch.tensor([p[0] for p in pos], device=device)
-        c = torch.tensor([p[1] for p in pos], device=device)
+        r, c, t = tf.rows.to(device), tf.cols.to(device), tf.targets.to(device)
         logp = F.log_softmax(unembed(model, hidden[r, c]).float(), dim=-1)  # (m, V)
-        t = torch.tensor(tgt, device=device)
         lp = logp.gather(1, t[:, None]).squeeze(1)  # (m,)
         hit = logp.argmax(-1) == t
         rank = (logp > lp[:, None]).sum(-1)  # (m,)
         lp, hit, rank = lp.cpu(), hit.cpu(), rank.cpu()  # one transfer per batch, not per item
-        owner_t = torch.tensor(owner)
-        for j in range(len(chunk)):
-            sel = owner_t == j
-            first = int(sel.nonzero()[0])
-            out.append(Score(float(lp[sel].mean()), bool(hit[sel].all()), int(rank[first]),
-                             float(hit[sel].float().mean())))
+        first = tf.first()
+        mean_lp, acc = tf.per_item_mean(lp), tf.per_item_mean(hit.float())
+        for j in range(tf.n_items):
+            sel = tf.owner == j
+            out.append(Score(float(mean_lp[j]), bool(hit[sel].all()), int(rank[first[j]]), float(acc[j])))
     return out
 
 

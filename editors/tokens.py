@@ -53,6 +53,47 @@ def pad_right(rows: list[list[int]], subject_pos: list[int], pad_id: int) -> Bat
     return Batch(ids=ids, lengths=torch.tensor([len(r) for r in rows]), subject_pos=torch.tensor(subject_pos))
 
 
+@dataclass
+class TeacherForced:
+    """(prompt, target) items as one right-padded batch, and where each target token is read.
+
+    Target token k of item i is predicted at column len(prompt_i) − 1 + k of row i.
+    """
+
+    batch: Batch
+    rows: torch.Tensor  # (m,) long: row of each target token
+    cols: torch.Tensor  # (m,) long: the column whose output predicts it
+    targets: torch.Tensor  # (m,) long: the target token ids
+    owner: torch.Tensor  # (m,) long: the item each target token belongs to
+    n_items: int
+
+    def per_item_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of a per-target-token quantity x  # (m,) -> (n_items,)"""
+        total = torch.zeros(self.n_items, dtype=x.dtype, device=x.device).index_add(0, self.owner.to(x.device), x)
+        count = torch.bincount(self.owner, minlength=self.n_items).to(x.device, x.dtype)
+        return total / count
+
+    def first(self) -> torch.Tensor:
+        """Index (into the m target tokens) of each item's first target token  # (n_items,)"""
+        first = torch.full((self.n_items,), len(self.owner), dtype=torch.long)
+        return first.scatter_reduce(0, self.owner, torch.arange(len(self.owner)), "amin")
+
+
+def teacher_forced(tokenizer, items: list[tuple[str, str]]) -> TeacherForced:
+    """Tokenise (prompt, target) items: prompt with the tokenizer's special tokens, the target as
+    a continuation (target_ids); rows are prompt + target without its last token."""
+    rows, r, c, tgt, owner = [], [], [], [], []
+    for j, (prompt, target) in enumerate(items):
+        p_ids = tokenizer(prompt)["input_ids"]
+        t_ids = target_ids(tokenizer, target)
+        for k, t in enumerate(t_ids):
+            r.append(j); c.append(len(p_ids) - 1 + k); tgt.append(t); owner.append(j)
+        rows.append(list(p_ids) + t_ids[:-1])
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return TeacherForced(pad_right(rows, [0] * len(rows), pad_id(tokenizer)), as_long(r), as_long(c),
+                         as_long(tgt), as_long(owner), len(items))
+
+
 def pad_id(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if tid is not None:

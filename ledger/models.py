@@ -7,8 +7,10 @@ The whole lifecycle of a knowledge edit is modelled here, so later work adds beh
                        └──< operation_requests >── edit_requests ─< request_events
     audit_runs ─< audit_results >── edit_requests       settings (key → JSON)
     base_models ─< edit_memory                          (Σ k kᵀ of the active edits, per layer)
+    artifacts ─< operations                             (the MALMEN hyper-network an operation used)
 
-Append-only: no row is ever deleted. `edit_memory` and `settings` are the two running states that
+Append-only: no row is ever deleted (nor is an `artifacts` row ever changed: registering the same
+content again finds the existing row). `edit_memory` and `settings` are the two running states that
 are updated in place; edit_memory is derived from request_vectors and can always be rebuilt. Undo, redo, replay and healing add operations and change
 statuses; every status change of a fact also appends a `request_events` row (its history).
 Times are UTC. Alembic's env.py imports `Base.metadata` from here, so this module imports nothing
@@ -159,6 +161,27 @@ class Operation(Base):
     weights_sha256_before: Mapped[str | None] = mapped_column(String(64))
     weights_sha256_after: Mapped[str | None] = mapped_column(String(64))
     knowledger_version: Mapped[str] = mapped_column(String(32))
+    # the file-based artefact the editor ran on (a MALMEN hyper-network); None for the others
+    artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
+
+
+class Artifact(Base):
+    """A file an operation depends on besides the base model, named by the sha256 of its content.
+
+    Today: MALMEN hyper-networks (`kind` "malmen-hypernet", a folder of hypernet.safetensors +
+    config.json, see editors.malmen). `path` is where the workspace keeps the files: relative to
+    the workspace's home for a copy the workspace owns (`artifacts/<sha256>`), absolute otherwise.
+    The sha256 is checked against the files every time they are loaded.
+    """
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    meta_json: Mapped[dict | None]  # config.json's "hyper" (shape) and "meta" (training summary)
 
 
 class OperationRequest(Base):

@@ -123,3 +123,17 @@ def rows(db, model, **where):
         for k, v in where.items():
             q = q.where(getattr(model, k) == v)
         return list(s.scalars(q))
+
+
+def save_tiny_hypernet(path: Path, model_dir: Path, *, seed: int = 0, meta: dict | None = None, **hyper) -> str:
+    """An untrained MALMEN hyper-network for the editable tiny model (layers 2 and 3, rank 8 unless
+    `hyper` says otherwise); returns its sha256. Untrained, it is the identity on normalised inputs
+    (each shift a normalised gradient step), which makes the GOOD facts top-1 on this model; the
+    seed changes the bytes (and so the sha256), not what it does."""
+    from knowledger.editors.malmen import HyperConfig, HyperNet, save_hypernet
+    from knowledger.editors.models import load_model
+
+    model, _ = load_model(str(model_dir))
+    hyper = dict(dict(layers=(2, 3), rank=8), **hyper)
+    torch.manual_seed(seed)
+    return save_hypernet(HyperNet(HyperConfig.for_model(model, **hyper)), path, meta)

@@ -83,3 +83,37 @@ def test_edit_command_prints_before_and_after(corpus, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok(EIFFEL.text, return_tensors="pt")["input_ids"]
     assert tok.decode(model(input_ids=ids).logits[0, -1].argmax()) == " Rome"
+
+
+def test_malmen_trains_briefly_and_edits_held_out_facts_in_one_batch(lm, tmp_path):
+    """MALMEN on the real model: 20 meta steps on 160 counterfact-train facts, then 32 held-out
+    counterfact-val facts in one batch; their targets must become more probable and the weights
+    come back exactly. (The quality of a properly trained network: docs/benchmarks.md.)"""
+    import torch
+
+    from knowledger.agent.bench import load_requests
+    from knowledger.agent.malmen_train import TrainSettings, train
+    from knowledger.editors.apply import apply_deltas
+    from knowledger.editors.evaluate import score
+    from knowledger.editors.malmen import MalmenEditor, load_hypernet
+    from tests.conftest import SHARED_DATA
+
+    cf = SHARED_DATA / "counterfact"
+    if not (cf / "counterfact-train.json").is_file():
+        pytest.skip(f"CounterFact not found at {cf}")
+    train_facts, _ = load_requests(cf / "counterfact-train.json", 160)
+    held_out, _ = load_requests(cf / "counterfact-val.json", 32)
+    out = train(lm, train_facts, tmp_path / "net", TrainSettings(steps=20, batch=32, val_facts=0),
+                progress=False)
+    assert out["steps_done"] == 20
+    net, sha = load_hypernet(tmp_path / "net")
+    items = [(r.text, r.target_new) for r in held_out]
+    before = torch.tensor([s.logprob for s in score(lm.model, lm.tokenizer, items)])
+    res = MalmenEditor(lm.model, lm.tokenizer, net, sha=sha).compute(held_out)
+    saved = snapshot_params(lm.model, [d.param for d in res.deltas])
+    try:
+        apply_deltas(lm.model, lm.spec, res.deltas)
+        after = torch.tensor([s.logprob for s in score(lm.model, lm.tokenizer, items)])
+    finally:
+        restore_params(lm.model, saved)
+    assert (after - before).mean() > 1.0 and (after > before).float().mean() > 0.8

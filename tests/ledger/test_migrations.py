@@ -30,14 +30,14 @@ def tables(engine) -> set[str]:
 
 
 def test_revisions_are_linear_and_end_at_the_noop_marker():
-    assert migrate.head_revision() == "0003"
-    assert [r.revision for r in migrate.script_directory().walk_revisions()] == ["0003", "0002", "0001"]
+    assert migrate.head_revision() == "0004"
+    assert [r.revision for r in migrate.script_directory().walk_revisions()] == ["0004", "0003", "0002", "0001"]
 
 
 def test_upgrade_downgrade_round_trip_on_an_empty_database(engine):
     for _ in range(2):
         migrate.upgrade(engine)
-        assert migrate.current_revision(engine) == "0003"
+        assert migrate.current_revision(engine) == "0004"
         assert tables(engine) == TABLES
         migrate.downgrade(engine, "base")
         assert migrate.current_revision(engine) is None
@@ -74,13 +74,50 @@ def test_rows_survive_downgrade_and_upgrade_of_the_noop_revision(ws_dir):
     assert count_facts(ws_dir) == 2 and count_events(ws_dir) == 2
 
 
+def columns(engine, table: str) -> set[str]:
+    return {c["name"] for c in sa.inspect(engine).get_columns(table)}
+
+
+def test_0004_adds_artifacts_and_operations_artifact_id_and_its_downgrade_keeps_operations(ws_dir):
+    """Up and down through 0004 on a filled ledger: the operations survive both ways, their
+    artifact_id (and the artifacts table) go with the downgrade and come back empty."""
+    from knowledger.ledger import repository as repo
+    from knowledger.ledger.models import OperationKind
+
+    with open_workspace(ws_dir) as ws:
+        with ws.writing() as s:
+            art, _ = repo.register_artifact(s, kind="malmen-hypernet", sha256="cd" * 32, path="artifacts/x",
+                                            meta={"hyper": {"layers": [2, 3]}})
+            base = repo.current_base_model(s)
+            repo.record_operation(s, kind=OperationKind.apply, base_model_id=base.id, editor="malmen",
+                                  artifact_id=art.id)
+            repo.record_operation(s, kind=OperationKind.apply, base_model_id=base.id, editor="emmet")
+        migrate.downgrade(ws.engine, "0003")
+        assert migrate.current_revision(ws.engine) == "0003"
+        assert "artifacts" not in sa.inspect(ws.engine).get_table_names()
+        assert "artifact_id" not in columns(ws.engine, "operations")
+        with ws.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT seq, editor FROM operations ORDER BY seq").all() == [
+                (1, "malmen"), (2, "emmet")]
+        migrate.upgrade(ws.engine)
+        assert migrate.current_revision(ws.engine) == "0004"
+        assert "artifact_id" in columns(ws.engine, "operations")
+        with ws.reading() as s:
+            assert repo.list_artifacts(s) == []
+            assert [(op.seq, op.artifact_id) for op in reversed(repo.list_operations(s))] == [(1, None), (2, None)]
+        migrate.check(ws.engine)  # the rebuilt operations table matches the models again
+        with ws.engine.connect() as conn:  # and its foreign keys survived the batch rebuild
+            fks = {fk["referred_table"] for fk in sa.inspect(conn).get_foreign_keys("operations")}
+        assert fks == {"artifacts", "base_models", "operations"}
+
+
 def test_an_older_database_is_refused_with_one_line(ws_dir):
     with open_workspace(ws_dir) as ws:
         migrate.downgrade(ws.engine, "0001")
     with pytest.raises(SchemaOutdated) as e:
         open_workspace(ws_dir)
     assert str(e.value) == ("the workspace database is at schema revision 0001, this knowledger needs "
-                            "0003: run `knowledger db upgrade`")
+                            "0004: run `knowledger db upgrade`")
 
 
 def test_a_newer_database_is_refused(ws_dir):
