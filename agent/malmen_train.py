@@ -280,15 +280,10 @@ class Trainer:
         self.initialised = state["initialised"]
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+def _atomic(path: Path, write) -> None:
+    """write(tmp) to a temp name beside `path`, then rename: a reader sees the old file or the new."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    write(tmp)
     os.replace(tmp, path)
 
 
@@ -368,8 +363,10 @@ def train(lm: LoadedModel, requests: list[EditRequest], out: str | os.PathLike, 
     stopped = "steps"
 
     def save_ckpt(step):
-        _atomic_torch_save(trainer.state(step, history, best, meta), ckpt)
-        _atomic_json(dict(meta=meta, best=best, steps_done=step, history=history), out / HISTORY)
+        _atomic(ckpt, lambda tmp: torch.save(trainer.state(step, history, best, meta), tmp))
+        summary = json.dumps(dict(meta=meta, best=best, steps_done=step, history=history), indent=1,
+                             sort_keys=True, default=str)
+        _atomic(out / HISTORY, lambda tmp: tmp.write_text(summary + "\n", encoding="utf-8"))
 
     def validate_and_keep(step):
         nonlocal best

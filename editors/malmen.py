@@ -429,6 +429,7 @@ def save_hypernet(net: HyperNet, folder: str | os.PathLike, meta: dict | None = 
         save_file(tensors, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(config + "\n", encoding="utf-8")
         for name in (WEIGHTS, CONFIG):
+            (tmp / name).chmod(0o644)  # readable like any model file (mkdtemp's folder is private)
             os.replace(tmp / name, folder / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
