@@ -140,12 +140,14 @@ class Trainer:
         cache = self.prime(facts)  # i-ii
         t_cache = time.perf_counter() - t0
 
-        normals, S = {}, {}  # iii
+        lam = [float(x) for x in net.log_lambda.detach()]  # the step's λ: unchanged until opt.step
+        chol, S = {}, {}  # iii; A's Cholesky factor serves S here and A⁻¹ ∂L/∂S below
         with torch.no_grad():
             for i, l in enumerate(cfg.layers):
-                normals[l] = Normal.empty(cfg.d_in, cfg.d_out)
-                normals[l].add(cache.u[l], net.shifts(i, cache.u[l], cache.g[l]))
-                S[l] = normals[l].solve(float(net.log_lambda[i]))
+                normal = Normal.empty(cfg.d_in, cfg.d_out)
+                normal.add(cache.u[l], net.shifts(i, cache.u[l], cache.g[l]))
+                chol[l] = normal.factor(lam[i])
+                S[l] = torch.cholesky_solve(normal.utd, chol[l])
 
         t = time.perf_counter()
         grads, stats = self._meta_grads(facts, S)  # iv-v
@@ -155,9 +157,8 @@ class Trainer:
         lam_grad = torch.zeros_like(net.log_lambda)
         for i, l in enumerate(cfg.layers):
             G = self.spec.to_math(grads[l]).T.double()  # ∂L/∂S (d_in, d_out)
-            lam = float(net.log_lambda[i].detach())
-            X = torch.linalg.solve(normals[l].matrix(lam), G)  # A⁻¹ ∂L/∂S
-            lam_grad[i] = -math.exp(lam) * float((X * S[l]).sum())
+            X = torch.cholesky_solve(G, chol[l])  # A⁻¹ ∂L/∂S
+            lam_grad[i] = -math.exp(lam[i]) * float((X * S[l]).sum())
             grad_d = (cache.u[l].double() @ X).float()  # ∂L/∂D (n, d_out)
             step = cfg.net_batch
             for s in range(0, len(grad_d), step):

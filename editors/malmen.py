@@ -202,11 +202,7 @@ class TokenCache:
 
     @property
     def n_tokens(self) -> int:
-        return len(self.first_layer_u) if self.u else 0
-
-    @property
-    def first_layer_u(self) -> torch.Tensor:
-        return next(iter(self.u.values()))
+        return len(next(iter(self.u.values()))) if self.u else 0
 
 
 def final_hidden(model, spec: ModelSpec, tf: TeacherForced) -> torch.Tensor:
@@ -245,14 +241,19 @@ def cache_tokens(model, spec: ModelSpec, layers, tf: TeacherForced, *,
     return cache
 
 
+def rewrite_chunks(tokenizer, requests: list[EditRequest], lm_batch: int):
+    """(facts, their rewrite prompt + target_new as a TeacherForced batch), lm_batch facts at a time."""
+    for s in range(0, len(requests), lm_batch):
+        chunk = requests[s : s + lm_batch]
+        yield chunk, teacher_forced(tokenizer, [(r.text, r.target_new) for r in chunk])
+
+
 def cache_requests(model, tokenizer, spec: ModelSpec, layers, requests: list[EditRequest],
                    lm_batch: int, progress: Callable | None = None, run: Callable | None = None) -> TokenCache:
     """cache_tokens over the rewrite prompts, lm_batch facts per pass, concatenated."""
     parts = []
-    for s in range(0, len(requests), lm_batch):
-        chunk = requests[s : s + lm_batch]
-        parts.append(cache_tokens(model, spec, layers,
-                                  teacher_forced(tokenizer, [(r.text, r.target_new) for r in chunk]), run=run))
+    for chunk, tf in rewrite_chunks(tokenizer, requests, lm_batch):
+        parts.append(cache_tokens(model, spec, layers, tf, run=run))
         if progress:
             progress(len(chunk))
     out = TokenCache(loss=sum(p.loss for p in parts),
@@ -293,9 +294,13 @@ class Normal:
         """UᵀU + e^λ I  # (d_in, d_in)"""
         return self.utu + torch.eye(len(self.utu), dtype=torch.float64) * math.exp(float(log_lambda))
 
+    def factor(self, log_lambda: float) -> torch.Tensor:
+        """The Cholesky factor of UᵀU + e^λ I (SPD for any λ), for torch.cholesky_solve  # (d_in, d_in)"""
+        return torch.linalg.cholesky(self.matrix(log_lambda))
+
     def solve(self, log_lambda: float) -> torch.Tensor:
         """S = (UᵀU + e^λ I)⁻¹ UᵀD  # (d_in, d_out), float64"""
-        return torch.linalg.solve(self.matrix(log_lambda), self.utd)
+        return torch.cholesky_solve(self.utd, self.factor(log_lambda))
 
     def residual(self, S: torch.Tensor) -> float:
         """‖US − D‖ / ‖D‖ without U: ‖US‖² − 2⟨US, D⟩ + ‖D‖² = tr(SᵀUᵀUS) − 2 tr(SᵀUᵀD) + ‖D‖²"""
@@ -345,11 +350,9 @@ class MalmenEditor:
         keys: dict[int, list[torch.Tensor]] = {l: [] for l in cfg.layers}
         device = next(self.model.parameters()).device
         loss = 0.0
-        for s in range(0, len(requests), cfg.lm_batch):  # LM chunk, then its hyper-network chunks
-            t = time.perf_counter()
-            chunk = requests[s : s + cfg.lm_batch]
-            tf = _to(teacher_forced(self.tokenizer, [(r.text, r.target_new) for r in chunk]), device)
-            cache = cache_tokens(self.model, spec, cfg.layers, tf)
+        t = time.perf_counter()
+        for chunk, tf in rewrite_chunks(self.tokenizer, requests, cfg.lm_batch):  # LM chunk, then
+            cache = cache_tokens(self.model, spec, cfg.layers, _to(tf, device))  # its network chunks
             loss += cache.loss
             timings["cache_s"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -362,7 +365,7 @@ class MalmenEditor:
             timings["hypernet_s"] += time.perf_counter() - t
             if progress:
                 progress(len(chunk))
-        t = time.perf_counter()
+            t = time.perf_counter()  # the next chunk's tokenising counts as caching
         result = EditResult(editor=self.method, deltas=[], timings=timings,
                             diagnostics={"hypernet_sha256": self.sha, "edit_loss_before": loss})
         for i, l in enumerate(cfg.layers):
