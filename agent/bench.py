@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from knowledger.editors.apply import restore_params, snapshot_params
 from knowledger.editors.evaluate import aggregate, fact_metrics
 from knowledger.editors.requests import EditRequest
 
-from .editing import LoadedModel, apply_result, make_editor, requests_from_facts
+from knowledger.agent.direct import apply_result, requests_from_facts
+from knowledger.agent.loaded import LoadedModel
+from knowledger.agent.recipes import direct_editor
+from knowledger.editors.progress import Progress, report
 
 METRICS = ("efficacy", "paraphrase", "neighborhood", "efficacy_acc", "paraphrase_acc", "neighborhood_acc")
 ZSRE_METRICS = ("efficacy_token_acc", "paraphrase_token_acc", "neighborhood_token_acc", "efficacy_acc",
@@ -108,7 +110,7 @@ def checkpoints(n_batches: int, points: int) -> set[int]:
 
 
 def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size: int, hp,
-        corpus=None, progress: bool = True, sequential: bool = True, curve_points: int = 10,
+        corpus=None, progress: Progress | None = None, sequential: bool = True, curve_points: int = 10,
         heldout_tokens: int = 8192, entropy_prompts: int = 32, health: Health | None = None,
         settings=None, log: Callable[[str], None] = lambda s: None, hypernet=None) -> dict:
     """Edit `requests` in consecutive batches; return the run record. The model is restored after.
@@ -130,7 +132,7 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
 
     def get(method):
         if method not in eds:
-            eds[method] = make_editor(lm, method, hp, corpus, progress=progress, hypernet=hypernet)
+            eds[method] = direct_editor(lm, method, hp, corpus, progress=progress, hypernet=hypernet)
         return eds[method]
 
     first = get(choose_editor(min(batch_size, len(requests)), editor, settings.auto_memit_min_batch,
@@ -151,10 +153,10 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
     try:
         batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
         marks = checkpoints(len(batches), curve_points) if sequential else set()
-        bar = tqdm(batches, desc=f"{editor} b={batch_size}", unit="batch", disable=not progress)
+        report(progress, "bench", 0, len(batches))
         t_edit = time.perf_counter()
         done, growth = 0, 0.0
-        for b, batch in enumerate(bar, 1):
+        for b, batch in enumerate(batches, 1):
             method, reason = choose_editor(len(batch), editor, settings.auto_memit_min_batch,
                                            History(done, growth), settings)
             res = get(method).compute(batch, memory=memory)
@@ -180,11 +182,12 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
                 point = dict(edits=done, metrics=evaluate(lm, requests[:done]), norms=norms,
                              max_delta_rel=growth, perplexity=health.perplexity(lm))
                 curve.append(point)
-                bar.set_postfix(eff=f"{point['metrics'].get('efficacy', math.nan):.2f}",
-                                nbh=f"{point['metrics'].get('neighborhood', math.nan):.2f}")
+                log(f"{done} edits: efficacy {point['metrics'].get('efficacy', math.nan):.2f}, "
+                    f"neighbourhood {point['metrics'].get('neighborhood', math.nan):.2f}")
             probe_s += time.perf_counter() - t
             if not sequential:
                 restore_params(lm.model, saved)
+            report(progress, "bench", b, len(batches))
         edit_s = time.perf_counter() - t_edit
         eval_t = time.perf_counter()
         final = curve[-1]["metrics"] if sequential else aggregate(after_batch)
@@ -239,105 +242,33 @@ def baseline(lm: LoadedModel, requests: list[EditRequest], *, hp=None, corpus=No
             "peak_rss_mb": peak_rss_mb()}
 
 
-def label(run: dict) -> str:
-    """The editor, and what differs from the defaults: bf16 v*, statistics from sampled text."""
-    if run["batch_size"] == 0:
-        return run["editor"]
-    extras = (["bf16 v*"] if run.get("hparams", {}).get("autocast_bf16") else []) + \
-             (["sampled C"] if run.get("corpus", "") is None else [])
-    used = run.get("editors_used") or {}
-    if run["editor"] == "auto" and used:
-        extras.append("→ " + "+".join(f"{m}×{k}" for m, k in used.items() if k))
-    if run.get("sequential") is False:
-        extras.append("independent batches")
-    return run["editor"] + (f" ({', '.join(extras)})" if extras else "")
+def benchmark(dataset: str, data, *, n: int, offset: int = 0, model: str | None = None,
+              editor: str = "emmet", batch_size: int = 10, preset: str | None = None,
+              overrides: dict | None = None, stats_tokens: int | None = None, corpus=None,
+              hypernet=None, sequential: bool = True, curve_points: int = 10, heldout_tokens: int = 8192,
+              out=None, device: str | None = None, progress: Progress | None = None,
+              command: str | None = None) -> dict:
+    """`knowledger bench DATASET`: load the facts and the model, run (or measure the unedited
+    model for editor "none"), and write the run record (docs/benchmarks.md) to `out` atomically."""
+    import json
 
+    from knowledger.agent.direct import prepare
+    from knowledger.agent.errors import KnowledgerError
+    from knowledger.editors.fileio import atomic_write_text
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def markdown_table(runs: list[dict]) -> str:
-    names = metric_names(runs)
-    head = ("| editor | n | batch | " + " | ".join(names) + " | ppl ×base | max ‖ΔW‖/‖W‖ | GE "
-            "| s/fact | v* s | keys s | solve s | peak RSS MB |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in runs:
-        m, t, h = r["metrics"], r["timing"], r.get("health") or {}
-        cells = [label(r), r["n"], r["batch_size"] or "-"]
-        cells += [f"{m.get(k, math.nan):.3f}" for k in names]
-        cells += [_fmt(h.get("perplexity_ratio"), ".3f"), _fmt(h.get("max_delta_rel"), ".3f"),
-                  _fmt(h.get("generation_entropy"), ".2f")]
-        cells += [f"{t.get('per_fact_s', 0):.2f}", f"{t.get('values_s', 0):.1f}", f"{t.get('keys_s', 0):.1f}",
-                  f"{t.get('solve_s', 0):.1f}", f"{r.get('peak_rss_mb', 0):.0f}"]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_curves(runs: list[dict], path: Path) -> Path | None:
-    """Lifelong curves: efficacy, paraphrase and neighbourhood of all facts edited so far, held-out
-    perplexity relative to the base and the largest ‖W − W_base‖/‖W_base‖, against edits applied."""
-    runs = [r for r in runs if r.get("curve")]
-    if not runs:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("efficacy", "efficacy (all so far)"), ("paraphrase", "paraphrase (all so far)"),
-              ("neighborhood", "neighbourhood (all so far)"), ("efficacy_acc", "efficacy top-1"),
-              ("ppl", "perplexity / base"), ("norm", "max ‖W−W₀‖/‖W₀‖")]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-    for ax, (key, title) in zip(axes.flat, panels):
-        for r in runs:
-            xs = [p["edits"] for p in r["curve"]]
-            if key == "ppl":
-                base = (r.get("health") or {}).get("perplexity_base")
-                ys = [p["perplexity"] / base if p.get("perplexity") and base else math.nan for p in r["curve"]]
-            elif key == "norm":
-                ys = [p["max_delta_rel"] for p in r["curve"]]
-            else:
-                ys = [p["metrics"].get(key, math.nan) for p in r["curve"]]
-            ax.plot(xs, ys, marker="o", ms=3, label=f"{label(r)} b={r['batch_size']}")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("edits applied")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{runs[0].get('dataset', '')}: lifelong editing, {runs[0].get('model', '')}", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot(runs: list[dict], path: Path) -> Path:
-    """Grouped bars: the six quality metrics per run; seconds per fact on a second panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{label(r).replace(' (', chr(10) + '(')}\nb={r['batch_size'] or '-'}" for r in runs]
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(8, len(runs) * 0.9), 7),
-                                  gridspec_kw={"height_ratios": [3, 1]})
-    names = metric_names(runs)
-    width = 0.8 / len(names)
-    for j, k in enumerate(names):
-        xs = [i + (j - len(names) / 2) * width + width / 2 for i in range(len(runs))]
-        ax.bar(xs, [r["metrics"].get(k, math.nan) for r in runs], width, label=k)
-    ax.set_xticks(range(len(runs)), labels)
-    ax.set_ylim(0, 1.25)
-    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_ylabel("fraction")
-    ax.legend(ncol=6, fontsize=8, loc="upper center", frameon=False)
-    ax.set_title(f"{runs[0].get('dataset', '')}: {runs[0]['n']} facts, metrics after all edits")
-    ax2.bar(range(len(runs)), [r["timing"].get("per_fact_s", 0) for r in runs], color="grey")
-    ax2.set_xticks(range(len(runs)), labels)
-    ax2.set_ylabel("s / fact")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    requests, skipped = load_requests(Path(data), n, offset)
+    if not requests:
+        raise KnowledgerError(f"{data}: no valid facts")
+    lm, hp = prepare(model, preset, overrides, stats_tokens, device=device)
+    if editor == "none":
+        record = baseline(lm, requests, hp=hp, corpus=corpus, heldout_tokens=heldout_tokens)
+    else:
+        record = run(lm, requests, editor=editor, batch_size=batch_size, hp=hp, corpus=corpus,
+                     progress=progress, sequential=sequential, curve_points=curve_points,
+                     heldout_tokens=heldout_tokens, hypernet=hypernet)
+    record.update(dataset=dataset, data=str(data), offset=offset, skipped_invalid=skipped,
+                  model=lm.name, weights_sha256=lm.weights_sha256, corpus=corpus, command=command)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out), json.dumps(record, indent=2) + "\n")
+    return record

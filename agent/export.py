@@ -13,18 +13,44 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
-from knowledger.agent.editing import write_hf_folder
 from knowledger.agent.live import (LiveModel, lock_path, open_live, remove_stale_temporaries,
                                    snapshot_path)
 from knowledger.agent.lock import try_lock
-from knowledger.agent.workspace import Workspace, iso
+from knowledger.agent.jsonutil import iso
+from knowledger.agent.workspace import Workspace
 from knowledger.editors.evaluate import top_tokens
 from knowledger.ledger import repository as repo
 from knowledger.ledger.errors import KnowledgerError
+
+
+def write_hf_folder(model, tokenizer, out: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
+    """A Hugging Face folder (safetensors + config + tokenizer + `extra` text files by name),
+    written into a temp dir beside `out` and renamed; `out` must not exist or be an empty dir."""
+    out = Path(out).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        tmp.chmod(0o755)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
 
 
 def open_for_reading(ws: Workspace, what: str) -> tuple[LiveModel, int, list[str]]:

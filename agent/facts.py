@@ -11,10 +11,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from knowledger.agent.workspace import Workspace, iso
+from knowledger.agent.jsonutil import iso
+from knowledger.agent.workspace import Workspace
 from knowledger.ledger import repository as repo
 from knowledger.ledger.errors import InvalidFacts
-from knowledger.ledger.facts import Fact, read_facts
+from knowledger.ledger.facts import Fact, parse_neighbor, read_facts, validate_fact
 from knowledger.ledger.models import Operation, OperationStatus, Request, RequestStatus
 
 
@@ -30,6 +31,22 @@ class SubmitReport:
         return dict(stored=[dict(where=w, id=i) for w, i in self.stored],
                     duplicates=[dict(where=w, duplicate_of=i) for w, i in self.duplicates],
                     invalid=list(self.invalid))
+
+
+def fact_from_options(prompt: str, subject: str, target: str, target_true: str | None = None,
+                      paraphrases=(), neighbors=(), *, source: str | None = None) -> Fact:
+    """One fact from the command line; neighbors as "PROMPT=ANSWER" strings. ValueError if invalid."""
+    return validate_fact(prompt, subject, target, target_true, list(paraphrases),
+                         [parse_neighbor(n) for n in neighbors], source=source)
+
+
+def read_fact_file(path: str | os.PathLike) -> list[Fact]:
+    """Every fact of a .jsonl/.csv/.json file; the first invalid row refuses the file."""
+    rows = read_facts(path)
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        raise InvalidFacts([f"{path}:{bad[0].line}: {bad[0].error}"])
+    return [r.fact for r in rows]
 
 
 def submit_facts(ws: Workspace, facts: list[Fact], *, source: str | None = "cli",

@@ -1,4 +1,4 @@
-"""Healing drifted facts, and undo / redo that know about heal operations.
+"""Healing drifted facts: heal operations (what undo and redo do with them is agent.undo's).
 
 A **heal** operation re-applies facts an audit found drifted (agent.audit) on the live weights:
 `EditSession.edit_batch(kind=heal)`, batches of the `batch_size` setting, the editor apply's
@@ -9,37 +9,42 @@ other. It does not own its facts: the operation that applied a fact (its *origin
 and keeps holding it, the fact stays `applied` (a "healed" event in its history), and a fact whose
 heal fails stays `applied` and drifted (never `failed` or `pending`).
 
-Undo with heal operations active (`undo`, which the CLI calls; without any active heal operation
-it is exactly agent.operations.undo):
-- `undo --op HEAL` removes the heal's delta only; its facts stay applied, held by their originals
-  (the next audit will likely find them drifted again).
-- undoing an original operation X (`undo --op X`, or `undo FACT` of one of its facts — the target
-  is the fact's latest active *non-heal* holder) also undoes every active heal operation that holds
-  one of X's facts, first, without reverting anything: those deltas were computed on top of X's. A
-  heal that also restored facts of other operations loses that part; the next audit finds them.
-  The rest is agent.operations.undo: X's facts become reverted, the rest of the batch of an undone
-  fact is re-applied, `--rebase` undoes every later operation (later heals are just undone) and
-  re-applies their facts.
-- `redo` of a heal operation is refused (run `knowledger audit --heal`); redo of an original
-  reuses its deltas, and the heals undone with it stay undone. `redo FACT` of a fact whose latest
-  holder was a heal is redone from its original operation, as agent.operations.redo would from
-  the original (deltas reused when the fact was alone in it, else recomputed alone).
+What undo and redo do with heal operations is agent.undo's business (one copy, heal-aware).
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from knowledger.agent import operations as ops
+from knowledger.agent.apply import workspace_history
+from knowledger.agent.records import OperationSummary
 from knowledger.agent.scheduler import MALMEN, choose_editor
-from knowledger.agent.workspace import Workspace
 from knowledger.ledger import repository as repo
-from knowledger.ledger.errors import KnowledgerError
 from knowledger.ledger.models import OperationKind, OperationStatus, RequestOutcome
+
+if TYPE_CHECKING:
+    from knowledger.agent.session import EditSession
 
 HEAL = OperationKind.heal
 
 
-def heal(es: ops.EditSession, report: dict) -> dict:
+@dataclass(frozen=True)
+class HealResult:
+    """What `audit --heal` did: the operations (orphan undos, heals), facts healed and not."""
+
+    operations: list[OperationSummary]
+    healed: list[int]
+    failed: list[int]
+    rounds: int = 1
+    still_drifted: list[int] | None = None
+
+    def then(self, other: HealResult) -> HealResult:
+        """This round followed by another: operations and healed add up, failed is the latest."""
+        return HealResult(self.operations + other.operations, self.healed + other.healed,
+                          other.failed, self.rounds + other.rounds)
+
+
+def heal(es: EditSession, report: dict) -> HealResult:
     """Undo the audit's orphan operations, re-apply its drifted facts as heal operations."""
     run_id = report["audit_run_id"]
     out = []
@@ -59,7 +64,7 @@ def heal(es: ops.EditSession, report: dict) -> dict:
         for i in range(0, len(rows), size):
             batch = rows[i:i + size]
             with es.ws.reading() as s:  # the editor apply's `auto` would pick now
-                history = ops.workspace_history(s)
+                history = workspace_history(s)
             method, _ = choose_editor(len(batch), "auto", es.settings.auto_memit_min_batch, history,
                                       es.settings)
             rec = es.edit_batch(batch, method, es.batch_hparams(method) if method == MALMEN else hp, kind=HEAL,
@@ -75,104 +80,4 @@ def heal(es: ops.EditSession, report: dict) -> dict:
             done = [f.request_id for f in rec.facts if ok and f.outcome == RequestOutcome.applied]
             healed += done
             failed += [f.request_id for f in rec.facts if f.request_id not in done]
-    return dict(operations=out, healed=healed, failed=failed)
-
-
-# --- undo and redo around heal operations -------------------------------------------------------
-def _active_heals(ws: Workspace) -> bool:
-    with ws.reading() as s:
-        base = repo.current_base_model(s)
-        return base is not None and any(op.kind == HEAL for op in repo.active_operations(s, base.id))
-
-
-def _original_holder(s, base_id: int, fact_id: int, active: list):
-    """The latest active non-heal operation that applied the fact."""
-    ids = {op.id for op in active if op.kind != HEAL}
-    held = [op for op, link in repo.request_operations(s, fact_id)
-            if link.outcome == RequestOutcome.applied and op.id in ids]
-    return held[-1] if held else None
-
-
-def undo(ws: Workspace, *, fact_id: int | None = None, seq: int | None = None, rebase: bool = False,
-         wait: bool = False, progress: bool = False) -> dict:
-    """agent.operations.undo, with heal operations handled as the module docstring says."""
-    if not _active_heals(ws):
-        return ops.undo(ws, fact_id=fact_id, seq=seq, rebase=rebase, wait=wait, progress=progress)
-    ops._one_of(fact_id, seq)
-    with ops.session(ws, what="undo", wait=wait, progress=progress) as es:
-        base_id = es.live.base_model_id
-        with ws.reading() as s:
-            active = repo.active_operations(s, base_id)
-            heals = [op for op in active if op.kind == HEAL]
-            target, fact = (None, None)
-            if seq is not None and repo.get_operation_by_seq(s, seq).kind == HEAL:
-                target, _ = ops._undo_target(s, base_id, None, seq)  # checks it can be undone
-                drop, applied, later = [], [], []
-            else:
-                if fact_id is not None:
-                    ops._undo_target(s, base_id, fact_id, None)  # the same refusals as undo
-                    fact = repo.get_request(s, fact_id)
-                    target = _original_holder(s, base_id, fact_id, active)
-                    if target is None:
-                        raise KnowledgerError(f"fact #{fact_id} is held only by heal operations: undo "
-                                              f"them with knowledger undo --op SEQ")
-                else:
-                    target, _ = ops._undo_target(s, base_id, None, seq)
-                applied = ops._applied(s, target.id)
-                later = [(op, ops._applied(s, op.id)) for op in active
-                         if op.seq > target.seq and op.kind != HEAL] if rebase else []
-                facts = {r.id for r in applied} | {r.id for _, rs in later for r in rs}
-                drop = [h for h in heals if (rebase and h.seq > target.seq)
-                        or facts & {r.id for r in ops._applied(s, h.id)}]
-        records = [es.undo_record(h.id, h.seq, []) for h in reversed(drop)]
-        if target.kind == HEAL:
-            records.append(es.undo_record(target.id, target.seq, []))
-        else:
-            records += es.undo_records(target, fact, applied, later)
-        es.commit(records)
-        return dict(operations=[r.summary() for r in records], notes=es.notes,
-                    weights_sha256=es.live.state_hash, head_seq=es.head_seq)
-
-
-def _last_original(s, base_id: int, fact_id: int):
-    """(the latest operation of this base that applied the fact, the same skipping heals)."""
-    held = [op for op, link in repo.request_operations(s, fact_id)
-            if link.outcome == RequestOutcome.applied and op.kind in repo.DELTA_KINDS
-            and op.status == OperationStatus.committed and op.base_model_id == base_id]
-    originals = [op for op in held if op.kind != HEAL]
-    return (held[-1] if held else None), (originals[-1] if originals else None)
-
-
-def redo(ws: Workspace, *, fact_id: int | None = None, seq: int | None = None, wait: bool = False,
-         progress: bool = False) -> dict:
-    """agent.operations.redo, refusing heal operations; a reverted fact whose latest holder is a
-    heal is redone from its original operation (its deltas reused when it was alone in it)."""
-    with ws.reading() as s:
-        if seq is not None and repo.get_operation_by_seq(s, seq).kind == HEAL:
-            raise KnowledgerError(f"operation seq {seq} is a heal: heals are not redone; "
-                                  f"`knowledger audit --heal` heals what has drifted now")
-        base = repo.current_base_model(s)
-        latest = original = None
-        if fact_id is not None and seq is None and base is not None:
-            latest, original = _last_original(s, base.id, fact_id)
-    if latest is None or latest.kind != HEAL or original is None:
-        return ops.redo(ws, fact_id=fact_id, seq=seq, wait=wait, progress=progress)
-    with ops.session(ws, what="redo", wait=wait, progress=progress) as es:
-        with ws.reading() as s:
-            req = repo.get_request(s, fact_id)
-            if req.status.value != "reverted":
-                raise ops.NothingToDo(f"fact #{fact_id} is {req.status.value}, not reverted: nothing to redo")
-            op = repo.get_operation_by_seq(s, original.seq)
-            others = [r for link, r in repo.operation_facts(s, op.id)
-                      if link.outcome == RequestOutcome.applied and r.id != fact_id]
-            if not others:
-                factors = [repo.load_delta(d) for d in repo.operation_deltas(s, op.id)]
-                vectors = [repo.load_vectors(v) for v in repo.operation_vectors(s, op.id)]
-        if not others:
-            rec = es.reuse_record(op, [req], factors, vectors)
-        else:
-            rec = es.edit_batch([req], op.editor, es.batch_hparams(op.editor, op), kind=OperationKind.redo,
-                                target=(op.id, op.seq), why="redone (recomputed alone)")
-        es.commit([rec])
-        return dict(operations=[rec.summary()], notes=es.notes, weights_sha256=es.live.state_hash,
-                    head_seq=es.head_seq)
+    return HealResult(out, healed, failed)

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load, save as st_save
 
-from knowledger.agent.editing import LoadedModel, open_model
+from knowledger.agent.loaded import LoadedModel, open_model
 from knowledger.agent.lock import fault_point
 from knowledger.agent.workspace import Location, Workspace
 from knowledger.editors.apply import NonFiniteDelta, restore_params, weight_sha256

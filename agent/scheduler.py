@@ -52,6 +52,7 @@ from knowledger.ledger import repository as repo
 EDITOR_CHOICES = ("auto", "emmet", "memit", "rome", "pmet", "alphaedit", "encore", "malmen")
 LIFELONG_EDITORS = ("alphaedit", "encore")
 MALMEN = "malmen"
+DIRECT_EDITORS = tuple(e for e in EDITOR_CHOICES if e != "auto")  # edit and bench: a named editor
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MEMIT_MIN_BATCH = 256  # see the module docstring and docs/benchmarks.md
 DEFAULT_LIFELONG_MIN_ACTIVE = 200  # see the module docstring and docs/lifelong.md

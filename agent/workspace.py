@@ -18,13 +18,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import Engine, inspect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from knowledger.agent.jsonutil import iso
 from knowledger.ledger import migrate, repository as repo
 from knowledger.ledger.db import make_engine, read_session, write_session
 from knowledger.ledger.errors import (KnowledgerError, SchemaOutdated, WorkspaceExists,
@@ -285,9 +285,3 @@ def workspace_status(ws: Workspace) -> dict:
                 facts=dict(total=sum(by_status.values()), by_status=by_status),
                 operations=dict(total=n_ops))
 
-
-def iso(t: datetime | None) -> str | None:
-    """ISO 8601 in UTC (SQLite hands back naive datetimes; the ledger stores UTC)."""
-    if t is None:
-        return None
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).isoformat(timespec="seconds")

@@ -1,15 +1,13 @@
 """`knowledger bench`: CounterFact / zsRE benchmarks as programs with outputs (JSON + Markdown)."""
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import click
 
-from .common import echo_json, main_errors
-from .edit import EDITORS, hparam_options, parse_sets
-from .main import cli
+from knowledger.cli.common import device_option, echo_json, progress
+from knowledger.cli.direct import EDITORS, hparam_options, parse_sets
+from knowledger.cli.main import cli
 
 
 @cli.group()
@@ -41,40 +39,26 @@ def _bench_command(dataset: str):
     @click.option("--heldout-tokens", type=click.IntRange(0), default=8192, show_default=True,
                   help="Held-out corpus tokens for perplexity (after the statistics' tokens); 0 skips it.")
     @click.option("--out", type=click.Path(dir_okay=False), help="Write the run's JSON here.")
+    @device_option
     @click.option("--json", "as_json", is_flag=True, help="Print the JSON instead of the table.")
-    @main_errors
     def command(model_name, hypernet, corpus, stats_tokens, preset, sets, data, n, offset, batch_size, editor,
-                sequential, curve_points, heldout_tokens, out, as_json):
-        from knowledger.agent import bench as B
-        from knowledger.agent.editing import open_model, resolve_hparams
+                sequential, curve_points, heldout_tokens, out, device, as_json):
+        from knowledger.agent.bench import benchmark
+        from knowledger.agent.plots import markdown_table
 
-        requests, skipped = B.load_requests(Path(data), n, offset)
-        if not requests:
-            raise click.ClickException(f"{data}: no valid facts")
-        overrides = parse_sets(sets)
-        if stats_tokens:
-            overrides["stats_tokens"] = stats_tokens
-        lm = open_model(model_name)
-        hp = resolve_hparams(lm, preset, overrides)
-        if editor == "none":
-            record = B.baseline(lm, requests, hp=hp, corpus=corpus, heldout_tokens=heldout_tokens)
-        else:
-            if editor == "rome" and batch_size != 1:
-                raise click.BadParameter("ROME edits one fact at a time: use --batch-size 1",
-                                         param_hint="--batch-size")
-            record = B.run(lm, requests, editor=editor, batch_size=batch_size, hp=hp, corpus=corpus,
-                           progress=not as_json, sequential=sequential, curve_points=curve_points,
-                           heldout_tokens=heldout_tokens, hypernet=hypernet)
-        record.update(dataset=dataset, data=str(data), offset=offset, skipped_invalid=skipped,
-                      model=lm.name, weights_sha256=lm.weights_sha256, corpus=corpus,
-                      command="knowledger " + " ".join(sys.argv[1:]) if sys.argv else None)
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        if editor == "rome" and batch_size != 1:
+            raise click.BadParameter("ROME edits one fact at a time: use --batch-size 1",
+                                     param_hint="--batch-size")
+        record = benchmark(dataset, data, n=n, offset=offset, model=model_name, editor=editor,
+                           batch_size=batch_size, preset=preset, overrides=parse_sets(sets),
+                           stats_tokens=stats_tokens, corpus=corpus, hypernet=hypernet,
+                           sequential=sequential, curve_points=curve_points,
+                           heldout_tokens=heldout_tokens, out=out, device=device, progress=progress(),
+                           command="knowledger " + " ".join(sys.argv[1:]) if sys.argv else None)
         if as_json:
             echo_json(record)
         else:
-            click.echo(B.markdown_table([record]))
+            click.echo(markdown_table([record]))
 
     return command
 
@@ -89,22 +73,14 @@ zsre = _bench_command("zsre")
 @click.option("--png", type=click.Path(dir_okay=False), help="Write a bar chart of the metrics here.")
 @click.option("--curves", type=click.Path(dir_okay=False),
               help="Write the lifelong curves (metrics, perplexity, norm growth vs edits) here.")
-@main_errors
 def table(results, md, png, curves):
     """Combine benchmark JSON files into one Markdown table (and a PNG chart).
 
     Example: knowledger bench table bench/results/*.json --md bench/results/table.md --png bench/results/metrics.png
     """
-    from knowledger.agent import bench as B
+    from knowledger.agent.plots import combine
 
-    runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in results]
-    order = {"none (unedited)": 0, "memit": 1, "emmet": 2, "alphaedit": 3, "encore": 4, "malmen": 5, "auto": 6}
-    runs.sort(key=lambda r: (order.get(r["editor"], 7), r["editor"], r["batch_size"]))
-    text = B.markdown_table(runs)
-    if md:
-        Path(md).write_text(text + "\n", encoding="utf-8")
-    if png:
-        B.plot(runs, Path(png))
-    if curves and B.plot_curves(runs, Path(curves)) is None:
+    result = combine(results, md=md, png=png, curves=curves)
+    if curves and result.curves is None:
         click.echo("no run has curves (sequential runs record them)", err=True)
-    click.echo(text)
+    click.echo(result.table)

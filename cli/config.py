@@ -30,7 +30,7 @@ def show(db, as_json):
     with open_workspace(db) as ws:
         rows = show_api(ws)
     if as_json:
-        echo_json(rows)
+        echo_json({"settings": rows})
         return
     for r in rows:
         mark = "*" if r["set"] else " "

@@ -7,9 +7,8 @@ import click
 
 from knowledger.agent import facts as facts_api
 from knowledger.agent.workspace import open_workspace
-from knowledger.cli.common import db_option, echo_json, json_option, main_errors, short_sha
+from knowledger.cli.common import clean, db_option, echo_json, json_option, seq_type, short_sha
 from knowledger.cli.main import cli
-from knowledger.ledger.facts import parse_neighbor, validate_fact
 
 
 @cli.command()
@@ -28,7 +27,6 @@ from knowledger.ledger.facts import parse_neighbor, validate_fact
               help="With --file: store the valid rows and report the invalid ones.")
 @db_option
 @json_option
-@main_errors
 def submit(prompt, subject, target, target_true, paraphrases, neighbors, source, file, skip_invalid,
            db, as_json):
     """Submit facts to the ledger as pending edit requests.
@@ -48,8 +46,8 @@ def submit(prompt, subject, target, target_true, paraphrases, neighbors, source,
                 raise click.UsageError(f"missing option {name} (or submit a --file)")
         if skip_invalid:
             raise click.UsageError("--skip-invalid goes with --file")
-        fact = validate_fact(prompt, subject, target, target_true, paraphrases,
-                             [parse_neighbor(n) for n in neighbors], source=source)
+        fact = facts_api.fact_from_options(prompt, subject, target, target_true, paraphrases,
+                                           neighbors, source=source)
     with open_workspace(db) as ws:
         if file is not None:
             report = facts_api.submit_file(ws, file, skip_invalid=skip_invalid, source=source)
@@ -59,14 +57,14 @@ def submit(prompt, subject, target, target_true, paraphrases, neighbors, source,
         echo_json(report.as_dict())
     elif file is None:
         if report.stored:
-            click.echo(f"Stored fact #{report.stored[0][1]}: {fact.text} → {fact.target_new}")
+            click.echo(f"Stored fact #{report.stored[0][1]}: {clean(fact.text)} → {clean(fact.target_new)}")
         else:
             click.echo(f"Not stored: duplicate of pending fact #{report.duplicates[0][1]}")
     else:
         for where, dup in report.duplicates:
             click.echo(f"{where}: duplicate of pending fact #{dup}, not stored", err=True)
         for problem in report.invalid:
-            click.echo(f"{problem} (skipped)", err=True)
+            click.echo(f"{clean(problem)} (skipped)", err=True)
         total = len(report.stored) + len(report.duplicates) + len(report.invalid)
         extra = [f"{n} {what}" for n, what in ((len(report.duplicates), "duplicate"),
                                                 (len(report.invalid), "invalid")) if n]
@@ -83,7 +81,6 @@ def submit(prompt, subject, target, target_true, paraphrases, neighbors, source,
               help="At most this many rows, newest first (0: all).")
 @db_option
 @json_option
-@main_errors
 def log(what, status, limit, db, as_json):
     """List facts (or, with --operations, operations), newest first.
 
@@ -98,7 +95,7 @@ def log(what, status, limit, db, as_json):
         else:
             rows = facts_api.list_facts(ws, status=status, limit=limit or None)
     if as_json:
-        echo_json(rows)
+        echo_json({what: rows})
     elif not rows:
         click.echo(f"No {what}" + (f" with status {status}." if status else "."))
     elif what == "operations":
@@ -108,15 +105,14 @@ def log(what, status, limit, db, as_json):
                        f"{op['facts']} facts  {op['started_at']}{hypernet}")
     else:
         for f in rows:
-            was = f" (was {f['target_true']})" if f["target_true"] else ""
-            click.echo(f"#{f['id']:<4} {f['status']:<10} {f['text']} → {f['target_new']}{was}")
+            was = f" (was {clean(f['target_true'])})" if f["target_true"] else ""
+            click.echo(f"#{f['id']:<4} {f['status']:<10} {clean(f['text'])} → {clean(f['target_new'])}{was}")
 
 
 @cli.command()
-@click.argument("fact_id", metavar="ID", type=int)
+@click.argument("fact_id", metavar="ID", type=seq_type())
 @db_option
 @json_option
-@main_errors
 def show(fact_id, db, as_json):
     """Show one fact: every field, its status history and the operations that handled it.
 
@@ -138,17 +134,17 @@ def show(fact_id, db, as_json):
               ("fingerprint", short_sha(f["fingerprint"]))]
     for name, value in fields:
         if value is not None:
-            click.echo(f"  {name + ':':<15}{value}")
+            click.echo(f"  {name + ':':<15}{clean(value)}")
     click.echo("Paraphrases:" + ("" if f["paraphrases"] else " -"))
     for p in f["paraphrases"]:
-        click.echo(f"  - {p}")
+        click.echo(f"  - {clean(p)}")
     click.echo("Neighbourhood:" + ("" if f["neighborhood"] else " -"))
     for n in f["neighborhood"]:
-        click.echo(f"  - {n['prompt']} → {n['target']}")
+        click.echo(f"  - {clean(n['prompt'])} → {clean(n['target'])}")
     click.echo("History:")
     for e in f["history"]:
         op = f" (operation {e['operation_id']})" if e["operation_id"] else ""
-        click.echo(f"  {e['at']}  {e['status']:<10} {e['reason'] or ''}{op}".rstrip())
+        click.echo(f"  {e['at']}  {e['status']:<10} {clean(e['reason'] or '')}{op}".rstrip())
     click.echo("Operations:" + ("" if f["operations"] else " -"))
     for op in f["operations"]:
         hypernet = f"  ({op['editor']}, hypernet {short_sha(op['hypernet_sha256'])})" if op["hypernet_sha256"] else ""

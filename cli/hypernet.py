@@ -99,7 +99,7 @@ def list_(db, as_json):
     with open_workspace(db) as ws:
         rows = list_hypernets(ws)
     if as_json:
-        echo_json(rows)
+        echo_json({"hypernets": rows})
         return
     if not rows:
         click.echo("No MALMEN hyper-networks registered (knowledger hypernet add DIR).")

@@ -1,13 +1,10 @@
 """`knowledger train-malmen`: meta-train MALMEN's hyper-network (agent.malmen_train)."""
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import click
 
-from .common import echo_json, main_errors
-from .main import cli
+from knowledger.cli.common import device_option, echo_json, output, progress
+from knowledger.cli.main import cli
 
 
 def _layers(value: str | None) -> tuple[int, ...] | None:
@@ -41,10 +38,10 @@ def _layers(value: str | None) -> tuple[int, ...] | None:
 @click.option("--blocks", type=click.IntRange(1), default=2, show_default=True, help="Residual blocks.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@main_errors
 def train_malmen(data, out, model_name, steps, batch, limit, val_facts, val_every, ckpt_every, meta_lr,
-                 loc_coef, max_minutes, layers, rank, blocks, seed, resume, as_json):
+                 loc_coef, max_minutes, layers, rank, blocks, seed, resume, device, as_json):
     """Meta-train a MALMEN hyper-network for a model on a fact file.
 
     Shows a progress bar, validates on held-out facts, keeps the best network in OUT (its sha256
@@ -53,23 +50,15 @@ def train_malmen(data, out, model_name, steps, batch, limit, val_facts, val_ever
 
     Example: knowledger train-malmen --data ../shared/data/counterfact/counterfact-train.json --out runs/malmen --limit 4200 --max-minutes 40
     """
-    from knowledger.agent.bench import load_requests
-    from knowledger.agent.editing import open_model
-    from knowledger.agent.malmen_train import TrainSettings, train
-    from knowledger.editors.malmen import HyperConfig
+    from knowledger.agent.direct import train_hypernet
+    from knowledger.agent.malmen_train import TrainSettings
 
     settings = TrainSettings(steps=steps, batch=batch, val_facts=val_facts, val_every=val_every,
                              ckpt_every=ckpt_every, meta_lr=meta_lr, loc_coef=loc_coef,
                              max_minutes=max_minutes, seed=seed, limit=limit)
-    requests, skipped = load_requests(Path(data), limit)
-    if len(requests) < 2:
-        raise click.ClickException(f"{data}: fewer than 2 valid facts")
-    lm = open_model(model_name)
-    hyper = None if resume else HyperConfig.for_model(lm.model, _layers(layers), rank=rank, n_blocks=blocks)
-    data_meta = dict(path=str(Path(data).resolve()), sha256=hashlib.sha256(Path(data).read_bytes()).hexdigest(),
-                     facts=len(requests), skipped=skipped)
-    summary = train(lm, requests, out, settings, hyper=hyper, resume=resume, data_meta=data_meta,
-                    progress=not as_json, log=None if as_json else click.echo)
+    summary = train_hypernet(data, out, model=model_name, settings=settings, layers=_layers(layers),
+                             rank=rank, blocks=blocks, resume=resume, device=device, progress=progress(),
+                             log=None if as_json or output().quiet else click.echo)
     if as_json:
         echo_json(summary)
         return

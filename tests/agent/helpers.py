@@ -24,6 +24,7 @@ from tests.tiny import tiny_config
 CITIES = ["Rome", "Paris", "Berlin", "Tokyo", "Madrid", "London", "Oslo", "Lima", "Cairo", "Quito"]
 # --set values every test workspace uses (small and fast; see the module docstring)
 HPARAMS = ["layers=[1,2]", "v_steps=10", "n_context=1", "early_stop=false"]
+OVERRIDES = dict(layers=[1, 2], v_steps=10, n_context=1, early_stop=False)  # HPARAMS, parsed
 STATS_TOKENS = 1000
 
 # (prompt, subject, target_new): succeed on the tiny model / fail on it
@@ -104,12 +105,45 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
+def data(result):
+    """An agent result (a frozen dataclass, or a list of them) as the CLI's --json prints it
+    (agent.jsonutil.to_jsonable): the contract. Anything else is returned as it is."""
+    import dataclasses
+
+    from knowledger.agent.jsonutil import to_jsonable
+
+    one = result[0] if isinstance(result, list) and result else result
+    if dataclasses.is_dataclass(one) and one.__dataclass_params__.frozen:
+        return to_jsonable(result)
+    return result
+
+
+def plain_undo(db, seq: int) -> None:
+    """Undo an operation WITHOUT undoing the heals on top of it (what knowledger < 0.2's ledger
+    undo did): the way to make an orphan heal operation for the tests."""
+    from knowledger.agent.session import session
+    from knowledger.agent.undo import applied_facts
+    from knowledger.agent.workspace import open_workspace
+    from knowledger.ledger import repository as repo
+
+    with open_workspace(db) as w, session(w, what="test") as es:
+        with w.reading() as s:
+            op = repo.get_operation_by_seq(s, seq)
+            ids = [r.id for r in applied_facts(s, op.id)]
+        es.commit([es.undo_record(op.id, op.seq, ids)])
+
+
 def call(fn, db, **kw):
-    """fn(workspace, **kw) on the workspace at db."""
+    """fn(workspace, **kw) on the workspace at db, its result as plain data (see `data`)."""
     from knowledger.agent.workspace import open_workspace
 
     with open_workspace(db) as w:
-        return fn(w, **kw)
+        return data(fn(w, **kw))
+
+
+def exit_status(report: dict) -> int:
+    """`knowledger audit`'s status for an audit result: 0 healthy, 1 drift or danger."""
+    return 0 if report["healthy"] else 1
 
 
 def rows(db, model, **where):
@@ -137,3 +171,41 @@ def save_tiny_hypernet(path: Path, model_dir: Path, *, seed: int = 0, meta: dict
     hyper = dict(dict(layers=(2, 3), rank=8), **hyper)
     torch.manual_seed(seed)
     return save_hypernet(HyperNet(HyperConfig.for_model(model, **hyper)), path, meta)
+
+
+def counter_edit(db, fraction: float) -> int:
+    """Record an apply operation that adds -fraction × the active deltas: the facts' edits weaken
+    (a stand-in for the interference of later edits). Returns its seq."""
+    from knowledger.agent.live import ActiveDelta, factors_from_delta, stored_delta
+    from knowledger.agent.records import OpRecord
+    from knowledger.agent.session import session
+    from knowledger.agent.workspace import open_workspace
+    from knowledger.editors.result import LayerDelta
+    from knowledger.ledger.models import OperationKind
+
+    with open_workspace(db) as w, session(w, what="test") as es:
+        live, by_param = es.live, {}
+        for a in live.active:  # one delta per parameter: the active ones' factors side by side
+            by_param.setdefault((a.delta.layer, a.delta.param), []).append(a.delta)
+        deltas = [stored_delta(LayerDelta(layer, param, -fraction * torch.cat([d.left for d in ds], 1),
+                                          torch.cat([d.right for d in ds], 1)))
+                  for (layer, param), ds in sorted(by_param.items())]
+        before, seq = live.state_hash, es.take_seq()
+        live.set_active(live.active + [ActiveDelta(seq, -1, d) for d in deltas])
+        es.commit([OpRecord(seq=seq, kind=OperationKind.apply, base_model_id=live.base_model_id,
+                            deltas=[factors_from_delta(d) for d in deltas], before=before,
+                            after=live.state_hash)])
+    return seq
+
+
+def apply(db, corpus, **kw):
+    """agent.apply.apply_pending with the test hyperparameters, its result as plain data."""
+    from knowledger.agent.apply import apply_pending
+
+    return call(apply_pending, db, corpus=corpus, stats_tokens=STATS_TOKENS, overrides=OVERRIDES, **kw)
+
+
+def status(db, fact_id) -> str:
+    from knowledger.ledger.models import Request
+
+    return rows(db, Request, id=fact_id)[0].status.value

@@ -30,7 +30,7 @@ def test_sequential_run_records_curves_health_and_restores_the_model(tiny, edito
     lm, corpus = tiny
     hp = resolve_hparams(lm, None, HP)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    rec = B.run(lm, facts(), editor=editor, batch_size=2, hp=hp, corpus=str(corpus), progress=False,
+    rec = B.run(lm, facts(), editor=editor, batch_size=2, hp=hp, corpus=str(corpus),
                 curve_points=3, heldout_tokens=256, entropy_prompts=2)
     assert all((v == lm.model.state_dict()[k]).all() for k, v in before.items())  # restored
     assert [p["edits"] for p in rec["curve"]] == [2, 4, 6]
@@ -48,7 +48,7 @@ def test_auto_switches_to_the_lifelong_editor_past_the_threshold(tiny):
     lm, corpus = tiny
     hp = resolve_hparams(lm, None, HP)
     st = EditSettings(lifelong_min_active=4, lifelong_norm_growth=10.0)
-    rec = B.run(lm, facts(), editor="auto", batch_size=2, hp=hp, corpus=str(corpus), progress=False,
+    rec = B.run(lm, facts(), editor="auto", batch_size=2, hp=hp, corpus=str(corpus),
                 heldout_tokens=0, entropy_prompts=0, settings=st)
     assert [b["editor"] for b in rec["batches"]] == ["emmet", "emmet", "encore"]
     assert "lifelong_min_active" in rec["batches"][2]["reason"]
@@ -59,7 +59,7 @@ def test_auto_switches_to_the_lifelong_editor_past_the_threshold(tiny):
 def test_independent_batches_start_from_the_unedited_model(tiny):
     lm, corpus = tiny
     hp = resolve_hparams(lm, None, HP)
-    rec = B.run(lm, facts(4), editor="memit", batch_size=2, hp=hp, corpus=str(corpus), progress=False,
+    rec = B.run(lm, facts(4), editor="memit", batch_size=2, hp=hp, corpus=str(corpus),
                 sequential=False, heldout_tokens=0, entropy_prompts=0)
     assert rec["curve"] == [] and rec["sequential"] is False
     assert rec["metrics"] == rec["metrics_after_batch"]

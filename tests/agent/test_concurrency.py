@@ -9,8 +9,7 @@ from knowledger.agent.workspace import Workspace, locate, open_workspace
 from knowledger.editors.editor import Editor
 from knowledger.ledger.db import make_engine
 from knowledger.ledger.facts import validate_fact
-from tests.agent.helpers import GOOD, apply_args, run, submit
-from tests.agent.test_operations import apply, status
+from tests.agent.helpers import GOOD, apply, apply_args, run, status, submit
 
 
 def test_a_second_apply_fails_at_once_or_waits_for_the_lock(ws, corpus):

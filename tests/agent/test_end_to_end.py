@@ -35,7 +35,7 @@ def test_twenty_counterfact_facts_through_the_whole_lifecycle(shared_data, tmp_p
         return json.loads(r.stdout) if "--json" in args else r
 
     def statuses():
-        return {f["id"]: f["status"] for f in step("log", "log", "--limit", "0", "--json")}
+        return {f["id"]: f["status"] for f in step("log", "log", "--limit", "0", "--json")["facts"]}
 
     step("init", "init")
     step("submit", "submit", "--file", facts_file)
@@ -68,7 +68,7 @@ def test_twenty_counterfact_facts_through_the_whole_lifecycle(shared_data, tmp_p
     info = json.loads((out / "knowledger-export.json").read_text())
     shas = {p: weight_sha256(model.get_parameter(p)) for p in info["edited_params"]}
     assert state_hash(info["base_model"]["weights_sha256"], shas) == export["weights_sha256"]
-    by_id = {f["id"]: f for f in step("log", "log", "--limit", "0", "--json")}
+    by_id = {f["id"]: f for f in step("log", "log", "--limit", "0", "--json")["facts"]}
     reqs = [EditRequest(prompt=by_id[i]["prompt"], subject=by_id[i]["subject"],
                         target_new=by_id[i]["target_new"]) for i in sorted(active)]
     metrics = fact_metrics(model, tok, reqs)

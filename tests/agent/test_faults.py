@@ -17,8 +17,7 @@ from knowledger.agent.live import snapshot_path
 from knowledger.agent.lock import FAULT_POINTS
 from knowledger.agent.workspace import locate
 from knowledger.ledger.models import Operation
-from tests.agent.helpers import GOOD, apply_args, submit, subprocess_env
-from tests.agent.test_operations import apply, call, rows, status
+from tests.agent.helpers import GOOD, apply, apply_args, call, rows, status, submit, subprocess_env
 
 CLI = [sys.executable, "-c", "from knowledger.cli.main import cli; cli()"]
 

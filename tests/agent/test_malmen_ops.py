@@ -19,9 +19,8 @@ from knowledger.editors.malmen import HyperConfig, HyperNet, save_hypernet
 from knowledger.ledger import repository as repo
 from knowledger.ledger.errors import IntegrityError, KnowledgerError
 from knowledger.ledger.models import Artifact, BaseModel, Delta, Operation, Request, RequestVector
-from tests.agent.helpers import GOOD, STATS_TOKENS, call, rows, save_tiny_hypernet, submit
+from tests.agent.helpers import GOOD, OVERRIDES, STATS_TOKENS, call, data, rows, save_tiny_hypernet, submit
 
-OVERRIDES = dict(layers=[1, 2], v_steps=10, n_context=1, early_stop=False)
 
 
 @pytest.fixture
@@ -44,7 +43,7 @@ def add(db, folder, **kw):
 
 def apply(db, **kw):
     with open_workspace(db) as w:
-        return ops.apply_pending(w, **kw)
+        return data(ops.apply_pending(w, **kw))
 
 
 def status(db, fact_id):
@@ -153,7 +152,7 @@ def test_recomputing_a_malmen_batch_uses_its_own_hypernet_not_the_current_one(ws
     call(ops.redo, ws, fact_id=ids[0])  # one fact of a larger batch: recomputed alone, same network
     assert rows(ws, Operation, seq=4)[0].artifact_id == a
     with open_workspace(ws) as w:  # a new lineage from clean weights: each batch keeps its network
-        recomputed = ops.replay_recompute(w)
+        recomputed = data(ops.replay_recompute(w))
     assert [f["outcome"] for f in recomputed["facts"]] == ["applied"] * 3
     assert {op.artifact_id for op in rows(ws, Operation) if op.kind.value == "replay"} == {a}
 

@@ -7,7 +7,7 @@ from knowledger.agent import operations as ops
 from knowledger.agent.workspace import open_workspace
 from knowledger.ledger import repository as repo
 from knowledger.ledger.models import EditMemory
-from tests.agent.helpers import GOOD, STATS_TOKENS, submit as submit_one
+from tests.agent.helpers import GOOD, STATS_TOKENS, data, submit as submit_one
 
 OVERRIDES = dict(layers=[1, 2], v_steps=10, n_context=1, early_stop=False, encore_alpha=0.1, mom2_weight=100.0,
                  alphaedit_null_threshold=0.5)
@@ -19,7 +19,7 @@ def submit(db, facts):
 
 def apply(db, corpus, **kw):
     with open_workspace(db) as w:
-        return ops.apply_pending(w, corpus=corpus, stats_tokens=STATS_TOKENS, overrides=OVERRIDES, **kw)
+        return data(ops.apply_pending(w, corpus=corpus, stats_tokens=STATS_TOKENS, overrides=OVERRIDES, **kw))
 
 
 def stored_and_rebuilt(db):
@@ -74,7 +74,7 @@ def test_replay_rebuilds_the_memory(ws, corpus):
     with open_workspace(ws) as w, w.writing() as s:
         s.execute(delete(EditMemory))
     with open_workspace(ws) as w:
-        report = ops.replay(w)
+        report = data(ops.replay(w))
     assert report["memory_rebuilt"]
     assert_consistent(ws, 2)
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from knowledger.agent import operations as ops
+from knowledger.agent import batch, operations as ops
 from knowledger.agent.export import ask
 from knowledger.agent.live import open_live, snapshot_path, state_hash
 from knowledger.agent.workspace import locate, open_workspace
@@ -10,18 +10,7 @@ from knowledger.editors.evaluate import fact_metrics
 from knowledger.ledger import repository as repo
 from knowledger.ledger.errors import NotFound
 from knowledger.ledger.models import (Delta, Operation, OperationRequest, Request, RequestVector)
-from tests.agent.helpers import BAD, GOOD, STATS_TOKENS, call, rows, submit
-
-OVERRIDES = dict(layers=[1, 2], v_steps=10, n_context=1, early_stop=False)
-
-
-def apply(db, corpus, **kw):
-    with open_workspace(db) as w:
-        return ops.apply_pending(w, corpus=corpus, stats_tokens=STATS_TOKENS, overrides=OVERRIDES, **kw)
-
-
-def status(db, fact_id):
-    return rows(db, Request, id=fact_id)[0].status.value
+from tests.agent.helpers import BAD, GOOD, OVERRIDES, STATS_TOKENS, apply, call, rows, status, submit
 
 
 def live_state(db):
@@ -76,7 +65,7 @@ def test_a_batch_where_every_fact_fails_is_a_failed_operation_and_changes_nothin
 def test_if_the_retry_fails_too_nothing_is_applied_and_the_good_facts_wait_again(ws, corpus, monkeypatch):
     a, b, c = (submit(ws, *f) for f in GOOD[:3])
     calls = []
-    real = ops.fact_metrics
+    real = batch.fact_metrics
 
     def judged(model, tok, reqs, *args, **kw):  # a fails after the first edit, b after the retry
         calls.append(1)
@@ -84,7 +73,7 @@ def test_if_the_retry_fails_too_nothing_is_applied_and_the_good_facts_wait_again
         fail = {2: {a}, 3: {b}}.get(len(calls), set())
         return [dict(m, rewrite_acc=0.0) if r.id in fail else m for r, m in zip(reqs, out)]
 
-    monkeypatch.setattr(ops, "fact_metrics", judged)
+    monkeypatch.setattr(batch, "fact_metrics", judged)
     apply(ws, corpus)
     [op] = rows(ws, Operation)
     assert op.status.value == "failed" and "still had failures" in op.error

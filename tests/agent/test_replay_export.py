@@ -14,8 +14,7 @@ from knowledger.editors.evaluate import fact_metrics
 from knowledger.editors.requests import EditRequest
 from knowledger.ledger.errors import IntegrityError, KnowledgerError
 from knowledger.ledger.models import BaseModel, Delta, Operation, Request
-from tests.agent.helpers import GOOD, save_editable_tiny, submit
-from tests.agent.test_operations import apply, call, rows, status
+from tests.agent.helpers import GOOD, apply, call, rows, save_editable_tiny, status, submit
 
 
 @pytest.fixture

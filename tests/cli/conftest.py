@@ -1,5 +1,6 @@
 import pytest
 
+from tests.agent.fixtures import _one_thread, corpus, tiny_dir, ws  # noqa: F401 (fixtures)
 from tests.ledger.helpers import make_workspace
 
 

@@ -7,9 +7,7 @@ import re
 import pytest
 import torch
 
-from tests.agent.conftest import _one_thread, corpus, tiny_dir, ws  # noqa: F401 (fixtures)
-from tests.agent.helpers import GOOD, apply_args, ok, run, submit
-from tests.agent.test_audit import counter_edit
+from tests.agent.helpers import GOOD, apply_args, counter_edit, ok, run, submit
 
 NUM = re.compile(r"\d+\.\d+")
 
@@ -87,7 +85,7 @@ def test_watch_audits_every_interval_and_stops_after_max_audits(applied):
 
 
 def test_watch_stops_cleanly_on_ctrl_c(applied, monkeypatch):
-    from knowledger.agent import audit as api
+    from knowledger.agent import watch as api
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
@@ -115,7 +113,7 @@ def test_config_show_and_set(applied):
     assert ok("config", "set", "audit_margin_drop", "1.5", db=applied).stdout == "audit_margin_drop = 1.5 (was 2.0)\n"
     assert ok("config", "set", "lifelong_editor", "alphaedit", db=applied).stdout == \
         "lifelong_editor = alphaedit (was encore)\n"
-    rows = {x["key"]: x for x in json.loads(ok("config", "show", "--json", db=applied).stdout)}
+    rows = {x["key"]: x for x in json.loads(ok("config", "show", "--json", db=applied).stdout)["settings"]}
     assert rows["lifelong_editor"]["value"] == "alphaedit"
     assert rows["audit_margin_drop"]["value"] == 1.5 and rows["audit_every"]["set"] is False
     for args, msg in ((("nope", "1"), "unknown setting 'nope'"), (("audit_margin_drop", "0"), "audit_margin_drop must be > 0.0"),

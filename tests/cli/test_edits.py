@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-from tests.agent.conftest import _one_thread, corpus, tiny_dir, ws  # noqa: F401 (fixtures)
 from tests.agent.helpers import BAD, GOOD, apply_args, ok, run, submit
 
 HASH = re.compile(r"\b[0-9a-f]{12}\b")
@@ -38,7 +37,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(ws, corpus):
         "  #2 Capital of Zork → Tokyo\n"
         "batch 2: emmet (auto: 1 facts < auto_memit_min_batch 256)\n"
         "  #3 Home of Bob → Paris\n")
-    assert json.loads(ok("log", "--json", db=ws).stdout)[2]["status"] == "pending"
+    assert json.loads(ok("log", "--json", db=ws).stdout)["facts"][2]["status"] == "pending"
     plan = json.loads(ok(*apply_args(corpus), "--dry-run", "--json", "--editor", "memit", db=ws).stdout)
     assert plan["dry_run"] and [b["editor"] for b in plan["plan"]["batches"]] == ["memit"]
 

@@ -6,7 +6,6 @@ import re
 
 import pytest
 
-from tests.agent.conftest import _one_thread, tiny_dir, ws  # noqa: F401 (fixtures)
 from tests.agent.helpers import GOOD, ok, run, save_tiny_hypernet, submit
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00")
@@ -40,7 +39,7 @@ def test_add_then_add_again_list_and_use(ws, net, tmp_path, tiny_dir):
                                 str(ws / "artifacts" / sha)]
     assert table[2].split() == [other[:12], "malmen-hypernet", "TIME", "2,3", "-", "-", "-", "-",
                                 str(ws / "artifacts" / other)]
-    listed = json.loads(ok("hypernet", "list", "--json", db=ws).stdout)
+    listed = json.loads(ok("hypernet", "list", "--json", db=ws).stdout)["hypernets"]
     assert [(x["sha256"], x["current"], x["present"]) for x in listed] == [(sha, True, True), (other, False, True)]
     assert ok("hypernet", "use", other[:10], db=ws).stdout == (
         f"Current MALMEN hyper-network: {other[:12]} (layers 2, 3 of a llama) (was {sha[:12]}).\n")
@@ -50,7 +49,7 @@ def test_add_then_add_again_list_and_use(ws, net, tmp_path, tiny_dir):
 
 def test_list_on_a_workspace_without_any(ws):
     assert ok("hypernet", "list", db=ws).stdout == "No MALMEN hyper-networks registered (knowledger hypernet add DIR).\n"
-    assert ok("hypernet", "list", "--json", db=ws).stdout == "[]\n"
+    assert json.loads(ok("hypernet", "list", "--json", db=ws).stdout) == {"hypernets": []}
 
 
 def test_errors_are_one_line(ws, tmp_path, net):

@@ -46,7 +46,7 @@ def test_log_lists_facts_newest_first(filled):
     assert run("log", "--status", "applied", db=filled).output == "#2    applied    Messi plays → chess\n"
     assert run("log", "--limit", "1", db=filled).output.count("\n") == 1
     assert run("log", "--status", "rejected", db=filled).output == "No facts with status rejected.\n"
-    rows = json.loads(run("log", "--json", "--limit", "0", db=filled).output)
+    rows = json.loads(run("log", "--json", "--limit", "0", db=filled).output)["facts"]
     assert [(f["id"], f["status"]) for f in rows] == [(3, "pending"), (2, "applied"), (1, "superseded")]
 
 
@@ -54,7 +54,7 @@ def test_log_operations(filled, ws_dir):
     r = run("log", "--operations", db=filled)
     assert r.exit_code == 0
     assert re.fullmatch(r"seq 1    apply   committed  memit    2 facts  \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00\n", r.output)
-    (op,) = json.loads(run("log", "--operations", "--json", db=filled).output)
+    (op,) = json.loads(run("log", "--operations", "--json", db=filled).output)["operations"]
     assert (op["seq"], op["kind"], op["facts"], op["editor"]) == (1, "apply", 2, "memit")
     assert run("log", "--operations", "--status", "failed", db=filled).output == "No operations with status failed.\n"
     r = run("log", "--operations", "--status", "pending", db=filled)
@@ -64,7 +64,7 @@ def test_log_operations(filled, ws_dir):
 def test_log_on_an_empty_workspace(ws_dir):
     assert run("log", db=ws_dir).output == "No facts.\n"
     assert run("log", "--operations", db=ws_dir).output == "No operations.\n"
-    assert run("log", "--json", db=ws_dir).output == "[]\n"
+    assert json.loads(run("log", "--json", db=ws_dir).output) == {"facts": []}
 
 
 def test_show_a_fact_with_its_history(filled):

@@ -90,7 +90,7 @@ def test_a_file_is_stored_with_its_name_as_source(ws_dir, tmp_path):
     path = facts_file(tmp_path, "facts.jsonl", [fact("Messi"), fact("Federer", source="wiki"), fact("Kasparov")])
     r = run("submit", "--file", str(path), db=ws_dir)
     assert (r.exit_code, r.output) == (0, "Stored 3 of 3 facts from facts.jsonl\n")
-    rows = json.loads(run("log", "--json", db=ws_dir).output)
+    rows = json.loads(run("log", "--json", db=ws_dir).output)["facts"]
     assert [(f["id"], f["subject"], f["source"]) for f in rows] == [
         (3, "Kasparov", "facts.jsonl"), (2, "Federer", "wiki"), (1, "Messi", "facts.jsonl")]
 

@@ -1,14 +1,13 @@
-"""`knowledger edit`: a direct, one-shot edit of given facts, for people who just want an edited model."""
+"""`knowledger edit`: a direct, one-shot edit of given facts (agent.direct), for people who just want an edited model."""
 from __future__ import annotations
 
 import json
 
 import click
 
-from .common import echo_json, main_errors
-from .main import cli
-
-EDITORS = ("emmet", "memit", "rome", "pmet", "alphaedit", "encore", "malmen")
+from knowledger.agent.scheduler import DIRECT_EDITORS as EDITORS
+from knowledger.cli.common import clean, device_option, echo_json, progress
+from knowledger.cli.main import cli
 
 
 def parse_sets(pairs: tuple[str, ...]) -> dict:
@@ -56,53 +55,41 @@ def hparam_options(f):
 @click.option("--file", "fact_file", type=click.Path(exists=True, dir_okay=False),
               help="Facts from a .jsonl/.csv/.json file instead of the options.")
 @click.option("--out", type=click.Path(file_okay=False), help="Save the edited model here (HF folder).")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@main_errors
 def edit(model_name, hypernet, corpus, stats_tokens, preset, sets, editor, prompt, subject, target, target_true,
-         paraphrases, neighbors, fact_file, out, as_json):
+         paraphrases, neighbors, fact_file, out, device, as_json):
     """Edit facts directly into a model (no ledger) and show top next tokens before and after.
 
     Example: knowledger edit --prompt "{} is located in the city of" --subject "The Eiffel Tower" --target Rome --target-true Paris --out edited/
     """
-    from knowledger.agent.editing import (direct_edit, open_model, requests_from_facts,
-                                          resolve_hparams, save_model)
-    from knowledger.ledger.facts import parse_neighbor, read_facts, validate_fact
+    from knowledger.agent import facts as facts_api
+    from knowledger.agent.direct import edit_facts
 
     if fact_file:
-        rows = read_facts(fact_file)
-        bad = [r for r in rows if not r.ok]
-        if bad:
-            raise click.ClickException(f"{fact_file}:{bad[0].line}: {bad[0].error}")
-        facts = [r.fact for r in rows]
+        facts = facts_api.read_fact_file(fact_file)
     else:
         if not (prompt and subject and target):
             raise click.UsageError("give --prompt, --subject and --target, or --file")
-        facts = [validate_fact(prompt, subject, target, target_true, paraphrases,
-                               [parse_neighbor(n) for n in neighbors])]
-    overrides = parse_sets(sets)
-    if stats_tokens:
-        overrides["stats_tokens"] = stats_tokens
-    lm = open_model(model_name)
-    hp = resolve_hparams(lm, preset, overrides)
-    report = direct_edit(lm, requests_from_facts(facts), method=editor, hp=hp, corpus=corpus,
-                         progress=not as_json, hypernet=hypernet)
-    if out:
-        report["saved_to"] = str(save_model(lm, out))
+        facts = [facts_api.fact_from_options(prompt, subject, target, target_true, paraphrases, neighbors)]
+    result = edit_facts(facts, model=model_name, editor=editor, preset=preset, overrides=parse_sets(sets),
+                        stats_tokens=stats_tokens, corpus=corpus, hypernet=hypernet, out=out,
+                        device=device, progress=progress())
     if as_json:
-        echo_json(report)
+        echo_json(result)
         return
-    for fact in report["facts"]:
-        click.echo(f"{fact['prompt']!r} -> {fact['target_new']!r}")
+    for fact in result.facts:
+        click.echo(f"{clean(fact['prompt'])!r} -> {clean(fact['target_new'])!r}")
         for p in fact["before"]:
-            click.echo(f"  {p}")
+            click.echo(f"  {clean(p)}")
             click.echo(f"    before: {_tokens(fact['before'][p])}")
             click.echo(f"    after:  {_tokens(fact['after'][p])}")
-    t = report["timings"]
-    if editor == "malmen":
-        click.echo(f"malmen on layers {report['layers']}: gradients {t.get('cache_s', 0):.2f}s, hyper-network "
+    t = result.timings
+    if result.is_malmen:
+        click.echo(f"malmen on layers {result.layers}: gradients {t.get('cache_s', 0):.2f}s, hyper-network "
                    f"{t.get('hypernet_s', 0):.2f}s, solve {t.get('solve_s', 0):.2f}s")
     else:
-        click.echo(f"{editor} on layers {report['layers']}: v* {t.get('values_s', 0):.2f}s, keys "
-                   f"{t.get('keys_s', 0):.2f}s, solve {t.get('solve_s', 0):.2f}s (statistics {report['stats_s']:.1f}s)")
+        click.echo(f"{editor} on layers {result.layers}: v* {t.get('values_s', 0):.2f}s, keys "
+                   f"{t.get('keys_s', 0):.2f}s, solve {t.get('solve_s', 0):.2f}s (statistics {result.stats_s:.1f}s)")
     if out:
-        click.echo(f"saved the edited model to {report['saved_to']}")
+        click.echo(f"saved the edited model to {result.saved_to}")

@@ -1,0 +1,126 @@
+"""Direct editing without the ledger: load a model, resolve its hyperparameters, gather key
+statistics, edit, evaluate, save. `knowledger edit` calls `edit_facts`; `knowledger bench` and
+`train-malmen` stand on `prepare` and `open_model` too.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from knowledger.agent.loaded import LoadedModel, open_model
+from knowledger.agent.recipes import direct_editor, resolve_hparams
+from knowledger.agent.scheduler import MALMEN
+from knowledger.editors.apply import apply_deltas
+from knowledger.editors.hparams import EditHParams
+from knowledger.editors.progress import Progress, track
+
+
+def prepare(model: str | None, preset: str | None = None, overrides: dict | None = None,
+            stats_tokens: int | None = None, *, device: str | None = None) -> tuple[LoadedModel, EditHParams]:
+    """(the loaded model, its hyperparameters): what edit and bench start from."""
+    lm = open_model(model, device=device)
+    return lm, resolve_hparams(lm.model, preset, overrides, stats_tokens)
+
+
+def apply_result(lm: LoadedModel, result) -> dict[str, str]:
+    return apply_deltas(lm.model, lm.spec, result.deltas)
+
+
+def save_model(lm: LoadedModel, out: str | os.PathLike) -> Path:
+    """Write the loaded model as a Hugging Face folder, atomically (agent.export.write_hf_folder)."""
+    from knowledger.agent.export import write_hf_folder
+
+    return write_hf_folder(lm.model, lm.tokenizer, out)
+
+
+def requests_from_facts(facts) -> list:
+    """ledger.facts.Fact objects -> editor requests."""
+    from knowledger.editors.requests import EditRequest
+
+    return [EditRequest(prompt=f.prompt, subject=f.subject, target_new=f.target_new,
+                        target_true=f.target_true, paraphrases=tuple(f.paraphrases),
+                        neighborhood=tuple((p, a) for p, a in f.neighborhood)) for f in facts]
+
+
+def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams, corpus=None,
+                progress: Progress | None = None, top_k: int = 3, hypernet=None) -> dict:
+    """Edit the loaded model in place (no ledger) and report before/after top tokens per prompt.
+
+    ROME edits one fact at a time, so several facts are applied one after another.
+    """
+    from knowledger.editors.evaluate import fact_metrics, top_tokens
+
+    def probe():
+        return [{p: top_tokens(lm.model, lm.tokenizer, p, top_k) for p in (r.text, *r.paraphrases,
+                                                                           *(q for q, _ in r.neighborhood))}
+                for r in requests]
+
+    editor = direct_editor(lm, method, hp, corpus, progress=progress, hypernet=hypernet)
+    before = probe()
+    groups = [[r] for r in requests] if method == "rome" else [requests]
+    timings: dict[str, float] = {}
+    value_stats = []
+    for group in track(groups, progress, "edit"):
+        res = editor.compute(group)
+        apply_result(lm, res)
+        value_stats += res.value_stats
+        for k, v in res.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    after = probe()
+    metrics = fact_metrics(lm.model, lm.tokenizer, requests)
+    return {"editor": method, "layers": list(editor.layers), "stats_s": lm.stats_s, "timings": timings,
+            "facts": [{"prompt": r.text, "target_new": r.target_new, "target_true": r.target_true,
+                       "before": b, "after": a, "metrics": m, "v_star": s}
+                      for r, b, a, m, s in zip(requests, before, after, metrics,
+                                               value_stats or [None] * len(requests))]}
+
+
+@dataclass(frozen=True)
+class DirectEditResult:
+    """`knowledger edit`: per fact the top tokens before and after, the layers, the timings."""
+
+    editor: str
+    layers: list[int]
+    stats_s: float
+    timings: dict
+    facts: list[dict]
+    saved_to: str | None = None
+
+    @property
+    def is_malmen(self) -> bool:
+        return self.editor == MALMEN
+
+
+def edit_facts(facts, *, model: str | None = None, editor: str = "emmet", preset: str | None = None,
+               overrides: dict | None = None, stats_tokens: int | None = None, corpus=None,
+               hypernet=None, out: str | os.PathLike | None = None, device: str | None = None,
+               progress: Progress | None = None) -> DirectEditResult:
+    """Load `model`, edit `facts` (ledger.facts.Fact) into it, optionally save it to `out`."""
+    lm, hp = prepare(model, preset, overrides, stats_tokens, device=device)
+    r = direct_edit(lm, requests_from_facts(facts), method=editor, hp=hp, corpus=corpus,
+                    progress=progress, hypernet=hypernet)
+    saved = str(save_model(lm, out)) if out else None
+    return DirectEditResult(**r, saved_to=saved)
+
+
+def train_hypernet(data, out, *, model: str | None = None, settings=None, layers=None, rank: int = 128,
+                   blocks: int = 2, resume: bool = False, device: str | None = None,
+                   progress: Progress | None = None, log=None) -> dict:
+    """`knowledger train-malmen`: meta-train a MALMEN hyper-network on a fact file
+    (agent.malmen_train.train), recording the data file's path, sha256 and fact counts."""
+    from knowledger.agent.bench import load_requests
+    from knowledger.agent.errors import KnowledgerError
+    from knowledger.agent.malmen_train import train
+    from knowledger.editors.fileio import sha256_file
+    from knowledger.editors.malmen import HyperConfig
+
+    requests, skipped = load_requests(Path(data), settings.limit if settings is not None else None)
+    if len(requests) < 2:
+        raise KnowledgerError(f"{data}: fewer than 2 valid facts")
+    lm = open_model(model, device=device)
+    hyper = None if resume else HyperConfig.for_model(lm.model, layers, rank=rank, n_blocks=blocks)
+    data_meta = dict(path=str(Path(data).resolve()), sha256=sha256_file(data), facts=len(requests),
+                     skipped=skipped)
+    return train(lm, requests, out, settings, hyper=hyper, resume=resume, data_meta=data_meta,
+                 progress=progress, log=log)
