@@ -33,11 +33,11 @@ def _png(fig) -> str:
 
 def _charts(runs: list[dict], ops: list[dict]) -> dict[str, str]:
     """{title: base64 PNG}; a chart without data is left out."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    from knowledger.agent.plots import pyplot
+
+    plt = pyplot()
 
     out = {}
     done = [r for r in runs if r["status"] == "completed"]

@@ -27,6 +27,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from knowledger.agent.jsonutil import iso
 from knowledger.ledger import migrate, repository as repo
 from knowledger.ledger.db import make_engine, read_session, write_session
+from knowledger.agent.errors import UnsupportedModel
 from knowledger.ledger.errors import (KnowledgerError, SchemaOutdated, WorkspaceExists,
                                       WorkspaceNotFound)
 
@@ -188,6 +189,21 @@ def _fingerprint(name_or_path: str) -> dict:
         raise KnowledgerError(str(e)) from e
 
 
+def supported_architectures() -> tuple[str, ...]:
+    """The model families the editors can edit (editors.model_spec.SPECS, by config.model_type)."""
+    from knowledger.editors.model_spec import SPECS
+
+    return tuple(sorted(SPECS))
+
+
+def check_supported(architecture: str, name: str = "the model") -> None:
+    """Refuse, in one line, a model whose family the editors have no ModelSpec for."""
+    known = supported_architectures()
+    if architecture not in known:
+        raise UnsupportedModel(f"{name} is a {architecture!r} model, which knowledger cannot edit "
+                               f"(it edits: {', '.join(known)})")
+
+
 def init_workspace(db: str | os.PathLike | None = None, model: str | None = None, *,
                    fingerprint: dict | None = None) -> InitResult:
     """Create a workspace (directory, database at head, base model), or return the existing one.
@@ -216,6 +232,7 @@ def init_workspace(db: str | os.PathLike | None = None, model: str | None = None
             ws.close()
     name = normalise_model(model)
     fp = fingerprint or _fingerprint(name)  # before anything is created: a bad model leaves nothing
+    check_supported(fp["architecture"], name)
     loc.home.mkdir(parents=True, exist_ok=True)
     engine = _connect(loc)
     try:

@@ -34,8 +34,8 @@ def test_every_command_has_help_with_an_example(path):
     assert "Example:" in result.output
 
 
-@pytest.mark.parametrize("path", [p for p, _ in ALL if len(p) == 1], ids=" ".join)
-def test_every_command_is_in_docs_cli_md(path):
+@pytest.mark.parametrize("path", [p for p, _ in ALL], ids=" ".join)
+def test_every_command_and_subcommand_is_in_docs_cli_md(path):
     assert f"knowledger {' '.join(path)}" in DOCS.read_text()
 
 
