@@ -76,6 +76,25 @@ def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams
                                                value_stats or [None] * len(requests))]}
 
 
+def loaded(model, tokenizer, name: str = "in-memory model") -> LoadedModel:
+    """A LoadedModel around a model the caller already loaded (no copy: edits change it)."""
+    from knowledger.editors.model_spec import spec_for
+    from knowledger.editors.models import weights_sha256
+
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, spec=spec_for(model),
+                       weights_sha256=weights_sha256(model))
+
+
+def edit_loaded(model, tokenizer, facts, *, editor: str = "emmet", preset: str | None = None,
+                overrides: dict | None = None, stats_tokens: int | None = None, corpus=None,
+                hypernet=None, progress: Progress | None = None) -> DirectEditResult:
+    """Edit `facts` (ledger.facts.Fact) into a model the caller loaded, in place."""
+    lm = loaded(model, tokenizer)
+    hp = resolve_hparams(model, preset, overrides, stats_tokens)
+    return DirectEditResult(**direct_edit(lm, requests_from_facts(facts), method=editor, hp=hp,
+                                          corpus=corpus, progress=progress, hypernet=hypernet))
+
+
 @dataclass(frozen=True)
 class DirectEditResult:
     """`knowledger edit`: per fact the top tokens before and after, the layers, the timings."""

@@ -40,6 +40,16 @@ def fact_from_options(prompt: str, subject: str, target: str, target_true: str |
                          [parse_neighbor(n) for n in neighbors], source=source)
 
 
+def fact_from_dict(d) -> Fact:
+    """A fact given as a mapping (the JSONL layout: prompt, subject, target_new or target,
+    target_true, paraphrases, neighborhood), or a Fact as it is. ValueError if invalid."""
+    if isinstance(d, Fact):
+        return d
+    return validate_fact(d.get("prompt"), d.get("subject"), d.get("target_new", d.get("target")),
+                         d.get("target_true"), d.get("paraphrases") or (), d.get("neighborhood") or (),
+                         source=d.get("source"))
+
+
 def read_fact_file(path: str | os.PathLike) -> list[Fact]:
     """Every fact of a .jsonl/.csv/.json file; the first invalid row refuses the file."""
     rows = read_facts(path)
