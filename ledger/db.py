@@ -39,15 +39,17 @@ def _with_driver(u: URL) -> URL:
     return u
 
 
-def make_engine(url: str | URL, *, busy_timeout_s: float = BUSY_TIMEOUT_S, echo: bool = False) -> Engine:
+def make_engine(url: str | URL, *, busy_timeout_s: float = BUSY_TIMEOUT_S, echo: bool = False,
+                **engine_kwargs) -> Engine:
     """An engine for `url`; for SQLite with the pragmas and BEGIN handling described above.
 
     A URL whose driver is not installed raises DriverMissing naming the package (and, for
-    PostgreSQL, the `knowledger[postgres]` extra)."""
+    PostgreSQL, the `knowledger[postgres]` extra). `engine_kwargs` go to create_engine for
+    databases other than SQLite (the PostgreSQL lock's own connection uses them)."""
     u = _with_driver(make_url(url))
     if u.get_backend_name() != "sqlite":
         try:
-            return create_engine(u, echo=echo, pool_pre_ping=True)
+            return create_engine(u, echo=echo, **{"pool_pre_ping": True, **engine_kwargs})
         except ImportError as e:  # the dialect imports its driver here
             backend, driver = u.get_backend_name(), u.get_driver_name()
             ours, extra = _DRIVERS.get(backend, (None, None))

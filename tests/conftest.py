@@ -51,7 +51,7 @@ BOTH_DATABASES_MODULES = ("tests/agent/test_operations.py", "tests/agent/test_co
                           "tests/cli/test_submit.py", "tests/cli/test_edits.py",
                           "tests/cli/test_listing.py")
 # tests in those modules that look at the workspace's files by path (SQLite layout)
-SQLITE_ONLY = {"test_crash_leftovers_are_cleaned_up"}
+SQLITE_ONLY = {"test_status"}
 
 
 def pytest_configure(config):
