@@ -92,7 +92,7 @@ def test_db_current_and_upgrade(old_ws):
     db = ["--db", str(old_ws)]
     assert run("db", "current", *db).output == "0001 (head is 0004: run `knowledger db upgrade`)\n"
     info = json.loads(run("db", "current", "--json", *db).output)
-    assert info == {"database": f"sqlite:///{old_ws}/ledger.db", "current": "0001", "head": "0004",
+    assert info == {"database": f"sqlite:///{old_ws}/ledger.db", "current": "0001", "head": "0005",
                     "up_to_date": False}
     r = run("db", "upgrade", *db)
     assert (r.exit_code, r.output) == (0, "Upgraded the workspace database from revision 0001 to 0004\n")

@@ -33,14 +33,14 @@ def tables(engine) -> set[str]:
 
 
 def test_revisions_are_linear_and_end_at_the_noop_marker():
-    assert migrate.head_revision() == "0004"
-    assert [r.revision for r in migrate.script_directory().walk_revisions()] == ["0004", "0003", "0002", "0001"]
+    assert migrate.head_revision() == "0005"
+    assert [r.revision for r in migrate.script_directory().walk_revisions()] == ["0005", "0004", "0003", "0002", "0001"]
 
 
 def test_upgrade_downgrade_round_trip_on_an_empty_database(engine):
     for _ in range(2):
         migrate.upgrade(engine)
-        assert migrate.current_revision(engine) == "0004"
+        assert migrate.current_revision(engine) == "0005"
         assert tables(engine) == TABLES
         migrate.downgrade(engine, "base")
         assert migrate.current_revision(engine) is None
@@ -103,7 +103,7 @@ def test_0004_adds_artifacts_and_operations_artifact_id_and_its_downgrade_keeps_
             assert conn.exec_driver_sql("SELECT seq, editor FROM operations ORDER BY seq").all() == [
                 (1, "malmen"), (2, "emmet")]
         migrate.upgrade(ws.engine)
-        assert migrate.current_revision(ws.engine) == "0004"
+        assert migrate.current_revision(ws.engine) == "0005"
         assert "artifact_id" in columns(ws.engine, "operations")
         with ws.reading() as s:
             assert repo.list_artifacts(s) == []
@@ -120,7 +120,7 @@ def test_an_older_database_is_refused_with_one_line(ws_dir):
     with pytest.raises(SchemaOutdated) as e:
         open_workspace(ws_dir)
     assert str(e.value) == ("the workspace database is at schema revision 0001, this knowledger needs "
-                            "0004: run `knowledger db upgrade`")
+                            "0005: run `knowledger db upgrade`")
 
 
 def test_a_newer_database_is_refused(ws_dir):
@@ -154,3 +154,46 @@ def test_foreign_keys_are_back_on_after_a_migration(engine):
     migrate.upgrade(engine)
     with engine.connect() as conn:  # the pool hands back the connection the migration used
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_0005_resolves_racing_duplicates_then_enforces_one_pending_fact_per_fingerprint(ws_dir):
+    """Up and down through 0005 on a ledger holding the duplicates a racing submit could leave
+    before it: the oldest stays pending, the others are rejected with a history row; the counter
+    starts after the highest seq; afterwards the database refuses a second pending copy."""
+    from sqlalchemy.exc import IntegrityError
+
+    from knowledger.ledger import repository as repo
+    from knowledger.ledger.models import OperationKind
+
+    with open_workspace(ws_dir) as ws:
+        with ws.writing() as s:
+            base = repo.current_base_model(s)
+            for _ in range(3):
+                repo.record_operation(s, kind=OperationKind.apply, base_model_id=base.id)
+        migrate.downgrade(ws.engine, "0004")
+        assert "counters" not in sa.inspect(ws.engine).get_table_names()
+        insert = text("INSERT INTO edit_requests (prompt, subject, target_new, paraphrase_prompts, "
+                      "neighborhood, submitted_at, status, fingerprint) VALUES ('{} is in', :s, 'Rome', "
+                      "'[]', '[]', '2026-01-01 00:00:00', 'pending', :fp)")
+        with ws.engine.begin() as conn:  # no unique index at 0004: three copies of one fact
+            for subject, fp in [("A", "f" * 64), ("A", "f" * 64), ("B", "e" * 64), ("A", "f" * 64)]:
+                conn.execute(insert, {"s": subject, "fp": fp})
+        migrate.upgrade(ws.engine)
+        with ws.reading() as s:
+            assert [(r.id, r.status.value, r.status_reason) for r in reversed(repo.list_requests(s))] == [
+                (1, "pending", None), (2, "rejected", "duplicate of pending fact #1 (migration 0005)"),
+                (3, "pending", None), (4, "rejected", "duplicate of pending fact #1 (migration 0005)")]
+            assert [e.status.value for e in repo.request_history(s, 2)] == ["rejected"]
+            assert repo.next_seq(s) == 4
+        with pytest.raises(IntegrityError, match="(?i)unique"), ws.engine.begin() as conn:
+            conn.execute(insert, {"s": "A", "fp": "f" * 64})
+        with ws.writing() as s:
+            assert repo.record_operation(s, kind=OperationKind.apply, base_model_id=base.id).seq == 4
+        migrate.check(ws.engine)
+        migrate.downgrade(ws.engine, "0004")
+        with ws.engine.begin() as conn:  # the index is gone with the downgrade
+            conn.execute(insert, {"s": "A", "fp": "f" * 64})
+        migrate.upgrade(ws.engine)
+        with ws.reading() as s:
+            newest = repo.list_requests(s, limit=1)[0]  # (PostgreSQL's ids skip the refused insert's)
+            assert newest.status.value == "rejected" and repo.next_seq(s) == 5
