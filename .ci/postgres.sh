@@ -33,6 +33,9 @@ start_postgres() {
             return 1
         fi
         t0=$(date +%s)
+        # no system cluster: the package would initdb (and try to start) one we never use
+        mkdir -p /etc/postgresql-common/createcluster.d
+        echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/knowledger-ci.conf
         DEBIAN_FRONTEND=noninteractive apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
         echo "postgres.sh: installed postgresql in $(( $(date +%s) - t0 )) s" >&2
