@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load as st_load, save as st_save
 
 from knowledger.agent.loaded import LoadedModel, open_model
-from knowledger.agent.lock import fault_point
+from knowledger.agent.lock import LockTarget, fault_point, lock_target
 from knowledger.agent.workspace import Location, Workspace
 from knowledger.editors.apply import NonFiniteDelta, restore_params, weight_sha256
 from knowledger.editors.result import LayerDelta
@@ -67,8 +67,10 @@ def snapshot_path(loc: Location) -> Path:
     return _workspace_file(loc, "live.safetensors")
 
 
-def lock_path(loc: Location) -> Path:
-    return _workspace_file(loc, "lock")
+def lock_path(loc: Location) -> LockTarget:
+    """The workspace lock (agent.lock.lock_target): `<db name>.lock` beside a SQLite database, a
+    PostgreSQL advisory lock for a PostgreSQL ledger."""
+    return lock_target(loc)
 
 
 # --- deltas between the ledger (numpy) and the editors (torch) ----------------------------------

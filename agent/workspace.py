@@ -6,7 +6,11 @@ Found by, in order: the `db` argument (`--db`), the environment variable KNOWLED
   the database in `<dir>/ledger.db`;
 - a .db/.sqlite/.sqlite3 file: that SQLite database, with the files in its directory;
 - a sqlite:/// URL: likewise, files beside the database file;
-- any other URL: files in $KNOWLEDGER_HOME, else `./.knowledger/`.
+- any other URL (PostgreSQL: a ledger several machines may share): files in $KNOWLEDGER_HOME,
+  else in a folder of this machine's cache named by the ledger,
+  `$KNOWLEDGER_CACHE/ledgers/<16 hex of sha256(URL without password)>/` (KNOWLEDGER_CACHE defaults
+  to ~/.cache/knowledger), never relative to the working directory. Those files (the live
+  snapshot, report) are derived from the ledger; another machine rebuilds its own.
 
 Every command except `knowledger db upgrade` opens the workspace with `open_workspace`, which
 refuses a database that is missing, foreign, or not at the schema revision this knowledger expects
@@ -14,6 +18,7 @@ refuses a database that is missing, foreign, or not at the schema revision this 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,8 +108,7 @@ def locate(db: str | os.PathLike | None = None) -> Location:
             file = Path(database).expanduser().resolve()
             return Location(url.set(database=str(file)).render_as_string(hide_password=False),
                             home=file.parent, sqlite_file=file)
-        home = Path(os.environ.get(ENV_HOME) or DEFAULT_DIR).expanduser().resolve()
-        return Location(value, home=home)
+        return Location(value, home=_url_home(url))
     path = Path(value).expanduser().resolve()
     if path.is_file() or (not path.is_dir() and path.suffix.lower() in SQLITE_SUFFIXES):
         file, home = path, path.parent
@@ -112,6 +116,16 @@ def locate(db: str | os.PathLike | None = None) -> Location:
         file, home = path / DB_FILE, path
     return Location(URL.create("sqlite", database=str(file)).render_as_string(), home=home,
                     sqlite_file=file)
+
+
+def _url_home(url: URL) -> Path:
+    """The files folder of a database-URL ledger: $KNOWLEDGER_HOME, else a per-ledger cache folder."""
+    if os.environ.get(ENV_HOME):
+        return Path(os.environ[ENV_HOME]).expanduser().resolve()
+    ident = URL.create(url.get_backend_name(), username=url.username or None, host=url.host, port=url.port,
+                       database=url.database, query=url.query).render_as_string(hide_password=False)
+    cache = Path(os.environ.get("KNOWLEDGER_CACHE") or "~/.cache/knowledger").expanduser().resolve()
+    return cache / "ledgers" / hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 def _connect(loc: Location) -> Engine:

@@ -15,18 +15,50 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session
+
+from knowledger.ledger.errors import KnowledgerError
 
 BUSY_TIMEOUT_S = 30.0
 _WRITE = "knowledger_write"  # execution option marking a writing connection
 
 
-def make_engine(url: str, *, busy_timeout_s: float = BUSY_TIMEOUT_S, echo: bool = False) -> Engine:
-    """An engine for `url`; for SQLite with the pragmas and BEGIN handling described above."""
-    u = make_url(url)
+# backend -> (the driver SQLAlchemy should use when the URL names none, the extra that installs it)
+_DRIVERS = {"postgresql": ("psycopg", "postgres")}
+
+
+class DriverMissing(KnowledgerError):
+    """The database URL needs a driver that is not installed."""
+
+
+def _with_driver(u: URL) -> URL:
+    """`postgresql://` means psycopg 3 (the `postgres` extra), not SQLAlchemy's default psycopg2."""
+    if u.get_backend_name() in _DRIVERS and "+" not in u.drivername:
+        return u.set(drivername=f"{u.get_backend_name()}+{_DRIVERS[u.get_backend_name()][0]}")
+    return u
+
+
+def make_engine(url: str | URL, *, busy_timeout_s: float = BUSY_TIMEOUT_S, echo: bool = False,
+                **engine_kwargs) -> Engine:
+    """An engine for `url`; for SQLite with the pragmas and BEGIN handling described above.
+
+    A URL whose driver is not installed raises DriverMissing naming the package (and, for
+    PostgreSQL, the `knowledger[postgres]` extra). `engine_kwargs` go to create_engine for
+    databases other than SQLite (the PostgreSQL lock's own connection uses them)."""
+    u = _with_driver(make_url(url))
     if u.get_backend_name() != "sqlite":
-        return create_engine(u, echo=echo)
+        try:
+            return create_engine(u, echo=echo, **{"pool_pre_ping": True, **engine_kwargs})
+        except ImportError as e:  # the dialect imports its driver here
+            backend, driver = u.get_backend_name(), u.get_driver_name()
+            ours, extra = _DRIVERS.get(backend, (None, None))
+            hint = f"install the Python package {getattr(e, 'name', None) or driver!r}"
+            if extra:
+                hint = (f'pip install "knowledger[{extra}]"' if driver == ours else
+                        f'{hint}, or use {backend}+{ours}:// after pip install "knowledger[{extra}]"')
+            raise DriverMissing(f"the database URL needs the {u.get_driver_name()} driver for {backend}, "
+                                f"which is not installed: {hint}") from None
     engine = create_engine(u, echo=echo, connect_args={"timeout": busy_timeout_s})
     in_memory = u.database in (None, "", ":memory:") or "mode=memory" in str(u)
 

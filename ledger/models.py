@@ -8,10 +8,11 @@ The whole lifecycle of a knowledge edit is modelled here, so later work adds beh
     audit_runs ─< audit_results >── edit_requests       settings (key → JSON)
     base_models ─< edit_memory                          (Σ k kᵀ of the active edits, per layer)
     artifacts ─< operations                             (the MALMEN hyper-network an operation used)
+    counters                                            (operation_seq: the database numbers operations)
 
 Append-only: no row is ever deleted (nor is an `artifacts` row ever changed: registering the same
 content again finds the existing row). `edit_memory` and `settings` are the two running states that
-are updated in place; edit_memory is derived from request_vectors and can always be rebuilt. Undo, redo, replay and healing add operations and change
+(and the `counters` row) are updated in place; edit_memory is derived from request_vectors and can always be rebuilt. Undo, redo, replay and healing add operations and change
 statuses; every status change of a fact also appends a `request_events` row (its history).
 Times are UTC. Alembic's env.py imports `Base.metadata` from here, so this module imports nothing
 heavier than SQLAlchemy.
@@ -21,8 +22,8 @@ from __future__ import annotations
 import enum
 from datetime import datetime, timezone
 
-from sqlalchemy import (JSON, DateTime, Enum, ForeignKey, Integer, LargeBinary, MetaData, String,
-                        Text, UniqueConstraint)
+from sqlalchemy import (JSON, DateTime, Enum, ForeignKey, Index, Integer, LargeBinary, MetaData,
+                        String, Text, UniqueConstraint, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -105,6 +106,11 @@ class Request(Base):
     """One submitted fact (an edit request): rewrite `prompt.format(subject)` → `target_new`."""
 
     __tablename__ = "edit_requests"
+    # at most one pending fact per fingerprint, enforced by the database: concurrent submits of the
+    # same fact store it once (repository.add_requests tolerates the losing insert)
+    __table_args__ = (Index("uq_edit_requests_pending_fingerprint", "fingerprint", unique=True,
+                            sqlite_where=text("status = 'pending'"),
+                            postgresql_where=text("status = 'pending'")),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     prompt: Mapped[str] = mapped_column(Text)  # template with exactly one "{}" for the subject
@@ -277,6 +283,18 @@ class EditMemory(Base):
     as_of_seq: Mapped[int]  # operations.seq of the last operation it reflects
     sha256: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Counter(Base):
+    """A named counter the database increments atomically (`UPDATE ... SET value = value + 1
+    RETURNING value`): `operation_seq` numbers the operations. The row stays locked until the
+    transaction ends, so two transactions never get the same number, and a rolled-back one gives
+    its number back (no gaps)."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int]
 
 
 class Setting(Base):

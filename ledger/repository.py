@@ -12,13 +12,15 @@ from importlib import metadata
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session
 
 from knowledger.ledger import blobs
 from knowledger.ledger.errors import NotFound
 from knowledger.ledger.facts import Fact
-from knowledger.ledger.models import (Artifact, AuditResult, AuditRun, AuditStatus, BaseModel, Delta, EditMemory, Operation,
+from knowledger.ledger.models import (Artifact, AuditResult, AuditRun, AuditStatus, BaseModel, Counter, Delta,
+                                      EditMemory, Operation,
                                       OperationKind, OperationRequest, OperationStatus, Request,
                                       RequestEvent, RequestOutcome, RequestStatus, RequestVector,
                                       Setting, utcnow)
@@ -61,6 +63,9 @@ def add_requests(session: Session, facts: Sequence[Fact], *, source: str | None 
     """Store facts as pending edit requests, skipping duplicates of pending facts.
 
     `source` is used for facts that carry none. Each stored fact gets a "pending" history event.
+    Safe under concurrency on any database: the unique index on pending fingerprints refuses a
+    second pending copy, so each insert runs in a savepoint and a refused one (another writer
+    stored the same fact since the check) becomes a duplicate of the row that won.
     """
     out: list[Added] = []
     for i, fact in enumerate(facts):
@@ -74,8 +79,16 @@ def add_requests(session: Session, facts: Sequence[Fact], *, source: str | None 
                       neighborhood=[{"prompt": p, "target": t} for p, t in fact.neighborhood],
                       source=fact.source or source, case_id=fact.case_id, fingerprint=fp,
                       status=RequestStatus.pending, submitted_at=utcnow())
-        session.add(row)
-        session.flush()
+        try:
+            with session.begin_nested():
+                session.add(row)
+                session.flush()
+        except DBIntegrityError:
+            dup = pending_duplicate(session, fp)  # committed by the other writer: visible now
+            if dup is None:
+                raise
+            out.append(Added(i, duplicate_of=dup))
+            continue
         session.add(RequestEvent(request_id=row.id, at=row.submitted_at, status=RequestStatus.pending,
                                  reason=f"submitted ({row.source})" if row.source else "submitted"))
         out.append(Added(i, request_id=row.id))
@@ -168,9 +181,29 @@ def knowledger_version() -> str:
         return "unknown"
 
 
+OPERATION_SEQ = "operation_seq"  # the counters row that numbers operations
+
+
 def next_seq(session: Session) -> int:
-    """The next operation sequence number (callers hold the write lock: a write session)."""
-    return int(session.scalar(select(func.coalesce(func.max(Operation.seq), 0))) or 0) + 1
+    """The sequence number the next operation will get (a peek: see take_seq)."""
+    value = session.scalar(select(Counter.value).where(Counter.name == OPERATION_SEQ))
+    if value is None:  # no counter row yet: numbering starts after the highest stored seq
+        value = session.scalar(select(func.coalesce(func.max(Operation.seq), 0)))
+    return int(value or 0) + 1
+
+
+def take_seq(session: Session) -> int:
+    """The next operation sequence number, from the database: the `operation_seq` counter row is
+    incremented in this transaction and stays locked until it ends, so concurrent transactions
+    never get the same number; a rolled-back one gives its number back."""
+    stmt = (update(Counter.__table__).where(Counter.name == OPERATION_SEQ)
+            .values(value=Counter.value + 1).returning(Counter.value))
+    value = session.execute(stmt).scalar()
+    if value is None:  # no counter row (a database that skipped 0005's seed): create it
+        value = next_seq(session)
+        session.add(Counter(name=OPERATION_SEQ, value=value))
+        session.flush()
+    return int(value)
 
 
 def record_operation(session: Session, *, kind: OperationKind, base_model_id: int,
@@ -185,7 +218,7 @@ def record_operation(session: Session, *, kind: OperationKind, base_model_id: in
     target_operation_id, timings_json, metrics_json, error, weights_sha256_before/after).
     The caller changes fact statuses (set_request_status) in the same transaction.
     """
-    op = Operation(seq=next_seq(session), kind=kind, status=status, base_model_id=base_model_id,
+    op = Operation(seq=take_seq(session), kind=kind, status=status, base_model_id=base_model_id,
                    started_at=started_at or utcnow(), knowledger_version=knowledger_version(),
                    finished_at=None if status == OperationStatus.running else utcnow(), **fields)
     session.add(op)

@@ -27,8 +27,8 @@ def corpus(tmp_path):
 
 
 @pytest.fixture
-def ws(tmp_path, tiny_dir):
-    """An initialised workspace directory on the editable tiny model."""
-    path = tmp_path / "ws"
-    init_workspace(path, str(tiny_dir)).workspace.close()
-    return path
+def ws(ledger_db, tiny_dir):
+    """An initialised workspace on the editable tiny model: a directory for SQLite, a database URL
+    for PostgreSQL (see tests/conftest.py: `ledger_db`)."""
+    init_workspace(ledger_db, str(tiny_dir)).workspace.close()
+    return ledger_db

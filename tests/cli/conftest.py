@@ -5,6 +5,7 @@ from tests.ledger.helpers import make_workspace
 
 
 @pytest.fixture
-def ws_dir(tmp_path):
-    """An initialised workspace directory (base model recorded from a fixed fingerprint)."""
-    return make_workspace(tmp_path / "ws")
+def ws_dir(ledger_db):
+    """An initialised workspace (base model recorded from a fixed fingerprint): a directory for
+    SQLite, a database URL for PostgreSQL (see tests/conftest.py: `ledger_db`)."""
+    return make_workspace(ledger_db)

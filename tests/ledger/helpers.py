@@ -12,7 +12,7 @@ FINGERPRINT = dict(name_or_path="tiny-test-model", architecture="llama", weights
                    config={"model_type": "llama", "hidden_size": 32})
 
 
-def make_workspace(path: Path) -> Path:
+def make_workspace(path: Path | str) -> Path | str:
     init_workspace(path, fingerprint=FINGERPRINT).workspace.close()
     return path
 

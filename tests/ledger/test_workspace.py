@@ -25,7 +25,13 @@ def test_locate_a_directory_a_db_file_and_urls(tmp_path, monkeypatch):
     assert (pg.home, pg.sqlite_file) == (tmp_path / "files", None)
     assert pg.display_url == "postgresql://me:***@db.example/kl"
     monkeypatch.delenv("KNOWLEDGER_HOME")
-    assert wsm.locate("postgresql://db.example/kl").home == tmp_path / ".knowledger"
+    # without KNOWLEDGER_HOME: a per-ledger folder of the cache, never the working directory; the
+    # same ledger (whatever the driver or password) gets the same folder, another ledger another
+    monkeypatch.setenv("KNOWLEDGER_CACHE", str(tmp_path / "cache"))
+    home = wsm.locate("postgresql://me@db.example/kl").home
+    assert home.parent == tmp_path / "cache" / "ledgers" and len(home.name) == 16
+    assert wsm.locate("postgresql+psycopg://me:pw@db.example/kl").home == home
+    assert wsm.locate("postgresql://me@db.example/other").home != home
 
 
 def test_locate_falls_back_to_the_environment_then_dot_knowledger(tmp_path, monkeypatch):
@@ -98,7 +104,7 @@ def test_status_summary(tmp_path):
     make_workspace(tmp_path / "ws")
     with wsm.open_workspace(tmp_path / "ws") as ws:
         info = wsm.workspace_status(ws)
-    assert info["schema"] == {"current": "0004", "head": "0004"}
+    assert info["schema"] == {"current": "0005", "head": "0005"}
     assert info["facts"]["total"] == 0 and info["operations"] == {"total": 0}
     assert info["base_model"]["weights_sha256"] == "ab" * 32
 
