@@ -12,11 +12,16 @@ from importlib import resources
 from typing import Any, Literal
 
 
+# Knobs that were stored with past operations but never read by any editor: a recorded value equal
+# to the old default is accepted (and dropped) so old ledgers replay; any other value is an error.
+_RETIRED: dict[str, Any] = {"pmet_attn_weight": 1.0}  # the PMET paper weighs both parts alike
+
+
 @dataclass(frozen=True)
 class EditHParams:
     # --- where ------------------------------------------------------------------------------
     layers: tuple[int, ...]  # edited MLP output projections, ascending
-    distribution: Literal["uniform", "last"] = "uniform"  # how the residual spreads over layers
+    distribution: Literal["uniform", "last", "sqrt"] = "uniform"  # how the residual spreads (distribute.py)
 
     # --- target values v* (optimised at the last edited layer's output) --------------------
     v_lr: float = 0.5  # Adam learning rate on the residual-stream change δ
@@ -45,9 +50,6 @@ class EditHParams:
     alphaedit_l2: float = 0.1  # AlphaEdit's α, relative to E‖P k‖² of corpus keys (scale-free)
     encore_alpha: float = 0.1  # ENCORE's Frobenius-norm weight α, relative to mean diag(λC)
 
-    # --- PMET ----------------------------------------------------------------------------------
-    pmet_attn_weight: float = 1.0  # weight of the attention-output part of the optimised change
-
     def __post_init__(self):
         layers = tuple(int(x) for x in self.layers)
         if not layers:
@@ -69,8 +71,8 @@ class EditHParams:
             raise ValueError(f"unknown alphaedit_null_scale {self.alphaedit_null_scale!r} (energy, max)")
         if self.encore_alpha < 0:
             raise ValueError("hparams.encore_alpha must be ≥ 0")
-        if self.distribution not in ("uniform", "last"):
-            raise ValueError(f"unknown distribution {self.distribution!r} (uniform, last)")
+        if self.distribution not in ("uniform", "last", "sqrt"):
+            raise ValueError(f"unknown distribution {self.distribution!r} (uniform, last, sqrt)")
 
     @property
     def v_layer(self) -> int:
@@ -92,6 +94,7 @@ class EditHParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EditHParams":
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if not (k in _RETIRED and v == _RETIRED[k])}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")

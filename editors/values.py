@@ -5,7 +5,8 @@ token, over the bare rewrite prompt and a few model-generated context prefixes, 
 puts its mass on target_new; a KL term on "{subject} is a" keeps the subject's other predictions,
 a weight decay and a norm clamp keep δ small (MEMIT §3.2; EMMET uses the same targets).
 PMET ("PMET: Precise Model Editing in a Transformer") optimises two vectors instead, one added to
-the attention output and one to the MLP output of layer L, and only the MLP part becomes the target.
+the attention output and one to the MLP output of layer L, and only the MLP part becomes the target
+(editors.pmet).
 
 Speed (see ../shared/REFERENCE.md, "where its time goes"):
 - all facts of a batch are optimised together, each with its own δ and its own Adam state;
@@ -25,9 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from .forward import PrefixCache, run_from, unembed
-from .hooks import TraceDict
 from .hparams import EditHParams
 from .model_spec import ModelSpec
+from .pmet import run_with_component_deltas
+from .progress import Progress
 from .requests import EditRequest
 from .tokens import encode_with_subject, pad_id, pad_right, target_ids
 
@@ -123,20 +125,24 @@ def _adam_step(delta, grad, m, v, t, rows, lr, b1=0.9, b2=0.999, eps=1e-8):
 
 
 def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp: EditHParams,
-                    contexts: list[str], *, pmet: bool = False, progress=None) -> ValueTargets:
+                    contexts: list[str], *, pmet: bool = False, progress: Progress | None = None) -> ValueTargets:
     """Target changes δ for every fact. Facts are independent here (own δ, own Adam state, own
     stopping), so a large batch is optimised in chunks of `hp.v_batch` facts: same result,
-    memory bounded by the chunk, not the batch."""
-    if len(requests) > hp.v_batch:
-        parts = [_optimise(model, tokenizer, spec, requests[i : i + hp.v_batch], hp, contexts, pmet=pmet,
-                           progress=progress) for i in range(0, len(requests), hp.v_batch)]
-        return ValueTargets(delta=torch.cat([p.delta for p in parts]), stats=[s for p in parts for s in p.stats],
-                            contexts=list(contexts))
-    return _optimise(model, tokenizer, spec, requests, hp, contexts, pmet=pmet, progress=progress)
+    memory bounded by the chunk, not the batch. progress("values", facts finished, facts)."""
+    parts = []
+    for i in range(0, len(requests), hp.v_batch):
+        chunk = requests[i : i + hp.v_batch]
+        report = None if progress is None else (
+            lambda phase, done, total, i=i: progress(phase, i + done, len(requests)))
+        parts.append(_optimise(model, tokenizer, spec, chunk, hp, contexts, pmet=pmet, progress=report))
+    if len(parts) == 1:
+        return parts[0]
+    return ValueTargets(delta=torch.cat([p.delta for p in parts]), stats=[s for p in parts for s in p.stats],
+                        contexts=list(contexts))
 
 
 def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp: EditHParams,
-              contexts: list[str], *, pmet: bool = False, progress=None) -> ValueTargets:
+              contexts: list[str], *, pmet: bool = False, progress: Progress | None = None) -> ValueTargets:
     L = hp.v_layer
     lay = _Layout(tokenizer, requests, contexts)
     ids, subj = lay.batch.ids, lay.batch.subject_pos  # (B, T), (B,)
@@ -180,7 +186,7 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
         run = dict(position_ids=position_ids, cache=prefix.select(rows), attention_mask=key_mask)
         with autocast:
             if pmet:
-                final = _run_pmet(model, spec, L, h_in[rows], onehot, per_row, run)
+                final = run_with_component_deltas(model, spec, L, h_in[rows], onehot, per_row, run)
             else:
                 final = run_from(model, spec, start, h_in[rows] + onehot * per_row[:, 0].unsqueeze(1), **run)
             lsel = torch.isin(lay.lp_row, rows)  # target positions of active rows
@@ -226,7 +232,7 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
             scale = torch.clamp(max_norm[:, None] / norms.clamp(min=1e-12), max=1.0)
             delta *= scale.unsqueeze(-1)
         if progress is not None:
-            progress(step, int(done.sum()), n)
+            progress("values", int(done.sum()), n)
 
     stats = [
         {"steps": int(steps[f]), "converged": bool(streak[f] >= hp.early_stop_patience),
@@ -236,23 +242,3 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
     ]
     # The MLP part (the only part for MEMIT/EMMET) is the target change of layer L's output.
     return ValueTargets(delta=delta[:, -1].clone(), stats=stats, contexts=list(contexts))
-
-
-def _run_pmet(model, spec: ModelSpec, L: int, h_in, onehot, per_row, run: dict):
-    """Run blocks L.. with δ_attn added to block L's attention output and δ_mlp to its MLP output."""
-    add_attn = onehot * per_row[:, 0].unsqueeze(1)  # (b, T, d)
-    add_mlp = onehot * per_row[:, 1].unsqueeze(1)
-
-    def edit(output, name):
-        if name == spec.attn_name(L):
-            return _add(output, add_attn)
-        return _add(output, add_mlp)
-
-    with TraceDict(model, [spec.attn_name(L), spec.mlp_name(L)], retain_output=False, edit_output=edit):
-        return run_from(model, spec, L, h_in, **run)
-
-
-def _add(output, add):
-    if isinstance(output, tuple):
-        return (output[0] + add.to(output[0].dtype),) + tuple(output[1:])
-    return output + add.to(output.dtype)
