@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from knowledger.editors.apply import apply_deltas
+from knowledger.editors.apply import apply_deltas, apply_from_base, snapshot_params
 from knowledger.editors.editor import Editor
 from knowledger.editors.hparams import EditHParams, load_preset, preset_for
+from knowledger.editors.methods import get_method
 from knowledger.editors.model_spec import ModelSpec, spec_for
 from knowledger.editors.models import load_model, weights_sha256
 
@@ -138,12 +139,14 @@ def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams
 
     editor = make_editor(lm, method, hp, corpus, progress=progress, hypernet=hypernet)
     before = probe()
-    groups = [[r] for r in requests] if method == "rome" else [requests]
+    groups = get_method(method).batches(requests)  # ROME: one fact per batch
     timings: dict[str, float] = {}
-    value_stats = []
+    value_stats, applied = [], []
+    base = snapshot_params(lm.model, [lm.spec.weight_name(l) for l in editor.layers])
     for group in groups:
         res = editor.compute(group)
-        apply_result(lm, res)
+        applied += res.deltas  # composed from the base, as the ledger does: same bits as apply + export
+        apply_from_base(lm.model, lm.spec, base, applied)
         value_stats += res.value_stats
         for k, v in res.timings.items():
             timings[k] = timings.get(k, 0.0) + v

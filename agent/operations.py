@@ -50,6 +50,7 @@ from knowledger.agent.scheduler import MALMEN, EditSettings
 from knowledger.agent.workspace import Workspace, normalise_model
 from knowledger.editors.editor import LIFELONG, Editor
 from knowledger.editors.memory import KeyMemory
+from knowledger.editors.methods import get_method
 from knowledger.editors.evaluate import aggregate, fact_metrics
 from knowledger.editors.hparams import EditHParams, load_preset, preset_for
 from knowledger.editors.requests import EditRequest
@@ -414,7 +415,7 @@ def _recipe(method: str, hp, editor) -> dict:
     if method == MALMEN:
         return dict(distribution=None, artifact_id=hp.artifact_id,
                     hparams=dict(editor.net.config.to_dict(), hypernet_sha256=editor.sha))
-    return dict(distribution="last" if method == "rome" else hp.distribution, hparams=hp.to_dict())
+    return dict(distribution=get_method(method).distribution_for(hp), hparams=hp.to_dict())
 
 
 def _clean_outcome(fo: FactOutcome) -> FactOutcome:

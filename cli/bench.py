@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from knowledger.agent.scheduler import batch_limit
+
 from .common import echo_json, main_errors
 from .edit import EDITORS, hparam_options, parse_sets
 from .main import cli
@@ -59,9 +61,9 @@ def _bench_command(dataset: str):
         if editor == "none":
             record = B.baseline(lm, requests, hp=hp, corpus=corpus, heldout_tokens=heldout_tokens)
         else:
-            if editor == "rome" and batch_size != 1:
-                raise click.BadParameter("ROME edits one fact at a time: use --batch-size 1",
-                                         param_hint="--batch-size")
+            if (limit := batch_limit(editor)) and batch_size > limit:
+                raise click.BadParameter(f"{editor} edits at most {limit} fact(s) at a time: use "
+                                         f"--batch-size {limit}", param_hint="--batch-size")
             record = B.run(lm, requests, editor=editor, batch_size=batch_size, hp=hp, corpus=corpus,
                            progress=not as_json, sequential=sequential, curve_points=curve_points,
                            heldout_tokens=heldout_tokens, hypernet=hypernet)
@@ -98,8 +100,8 @@ def table(results, md, png, curves):
     from knowledger.agent import bench as B
 
     runs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in results]
-    order = {"none (unedited)": 0, "memit": 1, "emmet": 2, "alphaedit": 3, "encore": 4, "malmen": 5, "auto": 6}
-    runs.sort(key=lambda r: (order.get(r["editor"], 7), r["editor"], r["batch_size"]))
+    order = {name: i for i, name in enumerate(("none (unedited)",) + EDITORS + ("auto",))}
+    runs.sort(key=lambda r: (order.get(r["editor"], len(order)), r["editor"], r["batch_size"]))
     text = B.markdown_table(runs)
     if md:
         Path(md).write_text(text + "\n", encoding="utf-8")

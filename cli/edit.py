@@ -5,10 +5,10 @@ import json
 
 import click
 
+from knowledger.agent.scheduler import EDITORS
+
 from .common import echo_json, main_errors
 from .main import cli
-
-EDITORS = ("emmet", "memit", "rome", "pmet", "alphaedit", "encore", "malmen")
 
 
 def parse_sets(pairs: tuple[str, ...]) -> dict:

@@ -24,13 +24,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Callable, Literal, Mapping
 
-import torch
-
 from .distribute import DISTRIBUTIONS
-from .pmet import pmet_delta
-from .solvers import alphaedit_delta, emmet_delta, encore_delta, memit_delta, rome_delta
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the table itself imports no torch: the CLI reads it to build its choices
+    import torch
+
     from .editor import Editor
     from .hparams import EditHParams
 
@@ -41,10 +39,10 @@ class SolveInputs:
 
     editor: "Editor"  # its cached factorisations: solver(layer), null_space(layer), second_moments, hp
     layer: int
-    K: torch.Tensor  # (d_in, n) keys, one fact per column
-    R: torch.Tensor  # (d_out, n) this layer's share of the residual (float64)
-    W: torch.Tensor  # (d_out, d_in) the current weight, math orientation (float64)
-    past: torch.Tensor | None  # (d_in, d_in) Σ K_p K_pᵀ of past edits, or None
+    K: "torch.Tensor"  # (d_in, n) keys, one fact per column
+    R: "torch.Tensor"  # (d_out, n) this layer's share of the residual (float64)
+    W: "torch.Tensor"  # (d_out, d_in) the current weight, math orientation (float64)
+    past: "torch.Tensor | None"  # (d_in, d_in) Σ K_p K_pᵀ of past edits, or None
 
 
 Solve = Callable[[SolveInputs], "tuple[torch.Tensor, torch.Tensor, dict]"]  # (left, right, diag)
@@ -98,24 +96,34 @@ class Method:
         return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-# --- the solves, one adapter each --------------------------------------------------------------------------
+# --- the solves, one adapter each (imported on first use) --------------------------------------------------
 def _memit(x: SolveInputs):
+    from .solvers import memit_delta
+
     return memit_delta(x.K, x.R, x.editor.solver(x.layer), W=x.W)
 
 
 def _emmet(x: SolveInputs):
+    from .solvers import emmet_delta
+
     return emmet_delta(x.K, x.R, x.editor.solver(x.layer), x.editor.hp.emmet_ridge, W=x.W)
 
 
 def _rome(x: SolveInputs):
+    from .solvers import rome_delta
+
     return rome_delta(x.K, x.R, x.editor.solver(x.layer), W=x.W)
 
 
 def _pmet(x: SolveInputs):
+    from .pmet import pmet_delta
+
     return pmet_delta(x.K, x.R, x.editor.solver(x.layer), W=x.W)
 
 
 def _alphaedit(x: SolveInputs):
+    from .solvers import alphaedit_delta
+
     basis, info = x.editor.null_space(x.layer)
     alpha = x.editor.hp.alphaedit_l2 * info["null_mean_energy"]
     left, right, diag = alphaedit_delta(x.K, x.R, basis, alpha, memory=x.past, W=x.W)
@@ -124,6 +132,8 @@ def _alphaedit(x: SolveInputs):
 
 
 def _encore(x: SolveInputs):
+    from .solvers import encore_delta
+
     C = x.editor.second_moments[x.layer]  # (d_in, d_in)
     lam = x.editor.hp.mom2_weight
     alpha = x.editor.hp.encore_alpha * lam * float(C.diagonal().double().mean())
