@@ -207,6 +207,6 @@ def plan(facts: list[PendingFact], *, batch_size: int, editor: str = "auto",
                     + sum(len(b.fact_ids) for b in batches))
         name, reason = choose_editor(len(ids), editor, memit_min_batch, h, settings)
         if size < batch_size:
-            reason += f" ({editor} edits {size} fact(s) per batch)"
+            reason += f" ({editor.upper()} edits {'one fact' if size == 1 else f'at most {size} facts'} per batch)"
         batches.append(PlannedBatch(index=len(batches) + 1, editor=name, fact_ids=ids, reason=reason))
     return Plan(batches=batches, superseded=superseded)
