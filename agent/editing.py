@@ -34,9 +34,10 @@ class LoadedModel:
     stats_s: float = 0.0
 
 
-def open_model(name_or_path: str | None = None) -> LoadedModel:
+def open_model(name_or_path: str | None = None, *, device: str | torch.device | None = None) -> LoadedModel:
+    """The model on `device` (default: CUDA when present, else the CPU; editors.models)."""
     t = time.perf_counter()
-    model, tokenizer = load_model(name_or_path)
+    model, tokenizer = load_model(name_or_path, device=device)
     spec = spec_for(model)
     sha = weights_sha256(model)
     return LoadedModel(name=name_or_path or "default", model=model, tokenizer=tokenizer, spec=spec,

@@ -27,7 +27,7 @@ import torch
 
 from .apply import apply_deltas, restore_params, snapshot_params
 from .distribute import get_distribution
-from .forward import capture, run_from
+from .forward import capture, model_device, run_from
 from .hooks import TraceDict
 from .hparams import EditHParams
 from .model_spec import spec_for
@@ -169,8 +169,9 @@ class _KeyPass:
                 if ci == 0:
                     bare.append(len(rows))
                 rows.append(ids[: s + 1]); subj.append(s)
-        self.batch = pad_right(rows, subj, pad_id(editor.tokenizer))
-        self.bare = torch.tensor(bare)
+        dev = model_device(editor.model)
+        self.batch = pad_right(rows, subj, pad_id(editor.tokenizer), device=dev)  # ids (n·c, T)
+        self.bare = torch.tensor(bare, device=dev)  # (n,) row of each fact's bare prompt
         self.start: tuple[int, torch.Tensor] | None = None  # (block, its input (B, T, d))
 
     def at(self, layer: int):
@@ -189,7 +190,7 @@ class _KeyPass:
             key, out_L = td[spec.mlp_out_name(layer)].input, td[out_name].output
             block_in = td[spec.layer(layer)].input if layer > first else hidden
         self.start = (layer, block_in)
-        at = torch.arange(len(self.batch.ids))
+        at = torch.arange(len(self.batch.ids), device=key.device)  # (n·c,)
         keys = key[at, self.batch.subject_pos].double()  # (n·c, d_in)
         K = keys.view(self.n, self.c, -1).mean(1).T  # (d_in, n)
         cur = out_L[self.bare, self.batch.subject_pos[self.bare]].float()  # (n, d)

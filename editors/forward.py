@@ -99,11 +99,18 @@ class PrefixCache:
 
     def suffix_inputs(self, start: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """start  # (b,) first recomputed column per row -> position_ids (b, S), key mask (b, T+S)"""
-        j = torch.arange(S)
+        dev = start.device
+        j = torch.arange(S, device=dev)  # (S,)
         position_ids = start[:, None] + j[None]  # (b, S)
-        cols = torch.arange(self.T)
-        mask = torch.cat([(cols[None] < start[:, None]), torch.ones(len(start), S, dtype=torch.bool)], 1)
+        cols = torch.arange(self.T, device=dev)  # (T,)
+        new = torch.ones(len(start), S, dtype=torch.bool, device=dev)  # (b, S)
+        mask = torch.cat([(cols[None] < start[:, None]), new], 1)  # (b, T+S)
         return position_ids, mask.long()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's (input embedding) weights live: every tensor an editor makes goes there."""
+    return model.get_input_embeddings().weight.device
 
 
 def unembed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

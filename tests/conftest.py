@@ -31,3 +31,15 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"development data not found at {SHARED_DATA} (it sits beside the checkout)")
     return SHARED_DATA
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped (with the reason) where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
