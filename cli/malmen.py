@@ -55,7 +55,7 @@ def train_malmen(data, out, model_name, steps, batch, limit, val_facts, val_ever
     """
     from knowledger.agent.bench import load_requests
     from knowledger.agent.editing import open_model
-    from knowledger.agent.malmen_train import TrainSettings, train
+    from knowledger.agent.malmen_train import TrainSettings, check_training_facts, train
     from knowledger.editors.malmen import HyperConfig
 
     settings = TrainSettings(steps=steps, batch=batch, val_facts=val_facts, val_every=val_every,
@@ -64,6 +64,7 @@ def train_malmen(data, out, model_name, steps, batch, limit, val_facts, val_ever
     requests, skipped = load_requests(Path(data), limit)
     if len(requests) < 2:
         raise click.ClickException(f"{data}: fewer than 2 valid facts")
+    check_training_facts(requests)  # target_true and a paraphrase per fact, before the model loads
     lm = open_model(model_name)
     hyper = None if resume else HyperConfig.for_model(lm.model, _layers(layers), rank=rank, n_blocks=blocks)
     data_meta = dict(path=str(Path(data).resolve()), sha256=hashlib.sha256(Path(data).read_bytes()).hexdigest(),
