@@ -49,10 +49,16 @@ def test_both_editors_implement_the_protocol():
     _, editor = make("llama", "pmet")
     assert isinstance(editor, ModelEditor) and editor.distribution.name == "sqrt"
     assert editor.reads_memory is False and make("llama", "encore")[1].reads_memory is True
+    import inspect
+
     from knowledger.editors.malmen import MalmenEditor
 
-    for name in ("method", "layers", "spec", "reads_memory", "compute"):
-        assert hasattr(MalmenEditor, name) or name in ("layers", "spec"), name
+    assert MalmenEditor.method == "malmen" and MalmenEditor.reads_memory is False
+    for cls in (Editor, MalmenEditor):  # one compute signature: keyword-only memory and progress
+        params = inspect.signature(cls.compute).parameters
+        assert list(params)[:2] == ["self", "requests"]
+        assert {k: params[k].kind for k in ("memory", "progress")} == {
+            "memory": inspect.Parameter.KEYWORD_ONLY, "progress": inspect.Parameter.KEYWORD_ONLY}
 
 
 def test_editor_reports_progress_by_phase():
