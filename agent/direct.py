@@ -49,7 +49,9 @@ def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams
 
     ROME edits one fact at a time, so several facts are applied one after another.
     """
+    from knowledger.editors.apply import apply_from_base, snapshot_params
     from knowledger.editors.evaluate import fact_metrics, top_tokens
+    from knowledger.editors.methods import get_method
 
     def probe():
         return [{p: top_tokens(lm.model, lm.tokenizer, p, top_k) for p in (r.text, *r.paraphrases,
@@ -58,12 +60,14 @@ def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams
 
     editor = direct_editor(lm, method, hp, corpus, progress=progress, hypernet=hypernet)
     before = probe()
-    groups = [[r] for r in requests] if method == "rome" else [requests]
+    groups = get_method(method).batches(requests)  # ROME: one fact per batch
     timings: dict[str, float] = {}
-    value_stats = []
+    value_stats, applied = [], []
+    base = snapshot_params(lm.model, [lm.spec.weight_name(l) for l in editor.layers])
     for group in track(groups, progress, "edit"):
         res = editor.compute(group)
-        apply_result(lm, res)
+        applied += res.deltas  # composed from the base, as the ledger does: same bits as apply + export
+        apply_from_base(lm.model, lm.spec, base, applied)
         value_stats += res.value_stats
         for k, v in res.timings.items():
             timings[k] = timings.get(k, 0.0) + v
@@ -130,13 +134,14 @@ def train_hypernet(data, out, *, model: str | None = None, settings=None, layers
     (agent.malmen_train.train), recording the data file's path, sha256 and fact counts."""
     from knowledger.agent.bench import load_requests
     from knowledger.agent.errors import KnowledgerError
-    from knowledger.agent.malmen_train import train
+    from knowledger.agent.malmen_train import check_training_facts, train
     from knowledger.editors.fileio import sha256_file
     from knowledger.editors.malmen import HyperConfig
 
     requests, skipped = load_requests(Path(data), settings.limit if settings is not None else None)
     if len(requests) < 2:
         raise KnowledgerError(f"{data}: fewer than 2 valid facts")
+    check_training_facts(requests)  # target_true and a paraphrase per fact, before the model loads
     lm = open_model(model, device=device)
     hyper = None if resume else HyperConfig.for_model(lm.model, layers, rank=rank, n_blocks=blocks)
     data_meta = dict(path=str(Path(data).resolve()), sha256=sha256_file(data), facts=len(requests),

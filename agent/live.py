@@ -40,7 +40,7 @@ from safetensors.torch import load as st_load, save as st_save
 from knowledger.agent.loaded import LoadedModel, open_model
 from knowledger.agent.lock import LockTarget, fault_point, lock_target
 from knowledger.agent.workspace import Location, Workspace
-from knowledger.editors.apply import NonFiniteDelta, restore_params, weight_sha256
+from knowledger.editors.apply import cast_checked, compose, restore_params, weight_sha256
 from knowledger.editors.result import LayerDelta
 from knowledger.ledger import repository as repo
 from knowledger.ledger.errors import IntegrityError, KnowledgerError
@@ -136,14 +136,10 @@ class LiveModel:
         cached = self._acc.get(name)
         if cached is not None and len(cached[0]) <= len(keys) and all(
                 x is y for x, y in zip(cached[0], keys)):
-            start, acc = len(cached[0]), cached[1].clone()
+            start, acc = len(cached[0]), cached[1]
         else:
-            start, acc = 0, self._base_value(name).to(torch.float64, copy=True)
-        spec = self.lm.spec
-        for a in deltas[start:]:
-            left, right = a.delta.left.double(), a.delta.right.double()  # (d_out, r), (d_in, r)
-            for k in range(left.shape[1]):
-                acc.add_(spec.from_math(torch.outer(left[:, k], right[:, k])))  # stored layout
+            start, acc = 0, self._base_value(name)
+        acc = compose(acc, [a.delta for a in deltas[start:]], self.lm.spec)  # editors.apply, float64
         self._acc[name] = (keys, acc)
         return acc
 
@@ -155,9 +151,7 @@ class LiveModel:
         values, shas = {}, {}
         for name, deltas in by_param.items():
             base = self._base_value(name)
-            value = self._accumulate(name, deltas).to(base.dtype)
-            if not bool(torch.isfinite(value).all()):
-                raise NonFiniteDelta(f"{name} would become non-finite; no weight was written")
+            value = cast_checked(name, self._accumulate(name, deltas), base.dtype)
             values[name], shas[name] = value, weight_sha256(value)
         return values, shas
 

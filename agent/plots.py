@@ -11,9 +11,10 @@ from functools import cache
 from pathlib import Path
 
 from knowledger.agent.bench import metric_names
+from knowledger.editors.methods import method_names
 
 # Display order of the editors in a combined table (the rest after these, by name).
-EDITOR_ORDER = ("none (unedited)", "memit", "emmet", "alphaedit", "encore", "malmen", "auto")
+EDITOR_ORDER = ("none (unedited)",) + method_names() + ("auto",)  # editors.methods' table order
 
 
 @cache

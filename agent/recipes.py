@@ -24,6 +24,7 @@ from knowledger.agent.loaded import LoadedModel
 from knowledger.agent.scheduler import MALMEN
 from knowledger.editors.editor import Editor
 from knowledger.editors.hparams import EditHParams, load_preset, preset_for
+from knowledger.editors.methods import get_method
 
 
 # --- hyperparameters -----------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def recipe_of(method: str, hp, editor) -> Recipe:
     if method == MALMEN:
         return Recipe(None, dict(editor.net.config.to_dict(), hypernet_sha256=editor.sha),
                       hp.artifact_id)
-    return Recipe("last" if method == "rome" else hp.distribution, hp.to_dict())
+    return Recipe(get_method(method).distribution_for(hp), hp.to_dict())
 
 
 def stats_record(method: str, hp, corpus) -> dict | None:

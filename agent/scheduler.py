@@ -47,10 +47,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from knowledger.editors.methods import get_method, lifelong_names, method_names
 from knowledger.ledger import repository as repo
 
-EDITOR_CHOICES = ("auto", "emmet", "memit", "rome", "pmet", "alphaedit", "encore", "malmen")
-LIFELONG_EDITORS = ("alphaedit", "encore")
+EDITORS = method_names()  # editors.methods: the table of methods
+EDITOR_CHOICES = ("auto",) + EDITORS
+LIFELONG_EDITORS = lifelong_names()
 MALMEN = "malmen"
 DIRECT_EDITORS = tuple(e for e in EDITOR_CHOICES if e != "auto")  # edit and bench: a named editor
 DEFAULT_BATCH_SIZE = 16
@@ -182,6 +184,11 @@ def choose_editor(n: int, requested: str, memit_min_batch: int, history: History
     return "emmet", f"auto: {n} facts < auto_memit_min_batch {memit_min_batch}"
 
 
+def batch_limit(editor: str) -> int | None:
+    """The most facts one batch of `editor` may hold (editors.methods), None for any; auto: None."""
+    return None if editor == "auto" else get_method(editor).max_batch
+
+
 def plan(facts: list[PendingFact], *, batch_size: int, editor: str = "auto",
          memit_min_batch: int = DEFAULT_MEMIT_MIN_BATCH, history: History | None = None,
          settings: EditSettings | None = None) -> Plan:
@@ -192,7 +199,7 @@ def plan(facts: list[PendingFact], *, batch_size: int, editor: str = "auto",
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     choose_editor(1, editor, memit_min_batch)  # validates the name
-    size = 1 if editor == "rome" else batch_size
+    size = min(batch_size, batch_limit(editor) or batch_size)
     kept, superseded = resolve_conflicts(facts)
     batches = []
     for i in range(0, len(kept), size):
@@ -200,7 +207,7 @@ def plan(facts: list[PendingFact], *, batch_size: int, editor: str = "auto",
         h = replace(history or History(), active_edits=(history or History()).active_edits
                     + sum(len(b.fact_ids) for b in batches))
         name, reason = choose_editor(len(ids), editor, memit_min_batch, h, settings)
-        if editor == "rome" and batch_size != 1:
-            reason += " (ROME edits one fact per batch)"
+        if size < batch_size:
+            reason += f" ({editor.upper()} edits {'one fact' if size == 1 else f'at most {size} facts'} per batch)"
         batches.append(PlannedBatch(index=len(batches) + 1, editor=name, fact_ids=ids, reason=reason))
     return Plan(batches=batches, superseded=superseded)

@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from knowledger.agent.scheduler import batch_limit
 from knowledger.cli.common import device_option, echo_json, progress
 from knowledger.cli.direct import EDITORS, hparam_options, parse_sets
 from knowledger.cli.main import cli
@@ -46,9 +47,9 @@ def _bench_command(dataset: str):
         from knowledger.agent.bench import benchmark
         from knowledger.agent.plots import markdown_table
 
-        if editor == "rome" and batch_size != 1:
-            raise click.BadParameter("ROME edits one fact at a time: use --batch-size 1",
-                                     param_hint="--batch-size")
+        if (limit := batch_limit(editor)) and batch_size > limit:
+            raise click.BadParameter(f"{editor} edits at most {limit} fact(s) at a time: use "
+                                     f"--batch-size {limit}", param_hint="--batch-size")
         record = benchmark(dataset, data, n=n, offset=offset, model=model_name, editor=editor,
                            batch_size=batch_size, preset=preset, overrides=parse_sets(sets),
                            stats_tokens=stats_tokens, corpus=corpus, hypernet=hypernet,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .forward import unembed
+from .forward import model_device, unembed
 from .model_spec import spec_for
 from .requests import EditRequest
 from .tokens import teacher_forced
@@ -128,7 +128,7 @@ def _mean(xs) -> float:
 @torch.no_grad()
 def top_tokens(model, tokenizer, prompt: str, k: int = 5) -> list[tuple[str, float]]:
     """The k most probable next tokens and their probabilities."""
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model_device(model))  # (1, T)
     probs = model(input_ids=ids, use_cache=False).logits[0, -1].float().softmax(-1)
     p, i = probs.topk(k)
     return [(tokenizer.decode([int(t)]), float(q)) for t, q in zip(i, p)]

@@ -99,11 +99,18 @@ class PrefixCache:
 
     def suffix_inputs(self, start: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """start  # (b,) first recomputed column per row -> position_ids (b, S), key mask (b, T+S)"""
-        j = torch.arange(S)
+        dev = start.device
+        j = torch.arange(S, device=dev)  # (S,)
         position_ids = start[:, None] + j[None]  # (b, S)
-        cols = torch.arange(self.T)
-        mask = torch.cat([(cols[None] < start[:, None]), torch.ones(len(start), S, dtype=torch.bool)], 1)
+        cols = torch.arange(self.T, device=dev)  # (T,)
+        new = torch.ones(len(start), S, dtype=torch.bool, device=dev)  # (b, S)
+        mask = torch.cat([(cols[None] < start[:, None]), new], 1)  # (b, T+S)
         return position_ids, mask.long()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's (input embedding) weights live: every tensor an editor makes goes there."""
+    return model.get_input_embeddings().weight.device
 
 
 def unembed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -112,11 +119,11 @@ def unembed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def capture(model: nn.Module, spec: ModelSpec, ids: torch.Tensor, *, block_inputs=(), block_outputs=(),
-            mlp_out_inputs=()) -> dict[str, torch.Tensor]:
+            mlp_out_inputs=(), mlp_outputs=()) -> dict[str, torch.Tensor]:
     """One forward pass over right-padded `ids` (B, T) that stops after the deepest block needed.
 
     Returns {"in:i": input of block i, "out:i": output of block i, "key:i": input of block i's MLP
-    output projection}, each (B, T, width).
+    output projection, "mlp:i": output of block i's MLP}, each (B, T, width).
     """
     from .hooks import TraceDict
 
@@ -127,6 +134,8 @@ def capture(model: nn.Module, spec: ModelSpec, ids: torch.Tensor, *, block_input
         want[f"out:{i}"] = (spec.layer(i), "output")
     for i in mlp_out_inputs:
         want[f"key:{i}"] = (spec.mlp_out_name(i), "input")
+    for i in mlp_outputs:
+        want[f"mlp:{i}"] = (spec.mlp_name(i), "output")
     names = list(dict.fromkeys(name for name, _ in want.values()))
     with TraceDict(model, names, retain_input=True, retain_output=True, stop=True) as td:
         # right padding + causal attention: an all-ones mask is exact (see editors.tokens)

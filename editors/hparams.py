@@ -12,11 +12,16 @@ from importlib import resources
 from typing import Any, Literal
 
 
+# Knobs that were stored with past operations but never read by any editor: a recorded value equal
+# to the old default is accepted (and dropped) so old ledgers replay; any other value is an error.
+_RETIRED: dict[str, Any] = {"pmet_attn_weight": 1.0}  # the PMET paper weighs both parts alike
+
+
 @dataclass(frozen=True)
 class EditHParams:
     # --- where ------------------------------------------------------------------------------
     layers: tuple[int, ...]  # edited MLP output projections, ascending
-    distribution: Literal["uniform", "last"] = "uniform"  # how the residual spreads over layers
+    distribution: Literal["uniform", "last", "sqrt"] = "uniform"  # how the residual spreads (distribute.py)
 
     # --- target values v* (optimised at the last edited layer's output) --------------------
     v_lr: float = 0.5  # Adam learning rate on the residual-stream change δ
@@ -30,7 +35,7 @@ class EditHParams:
     n_context: int = 5  # model-generated context prefixes (plus the bare prompt)
     context_tokens: int = 10  # length of each generated prefix
     context_seed: int = 0  # prefixes are generated greedily-seeded and cached: reproducible
-    autocast_bf16: bool = False  # run the v* optimisation under bf16 autocast (CPU AMX)
+    autocast_bf16: bool = False  # v* under bf16 autocast; presets: default_autocast_bf16(device)
     v_batch: int = 16  # facts optimised together; larger batches run in chunks (bounded memory)
 
     # --- solve -------------------------------------------------------------------------------
@@ -44,9 +49,6 @@ class EditHParams:
     alphaedit_null_scale: Literal["energy", "max"] = "max"  # ... as a fraction of λ_max or of tr(C)
     alphaedit_l2: float = 0.1  # AlphaEdit's α, relative to E‖P k‖² of corpus keys (scale-free)
     encore_alpha: float = 0.1  # ENCORE's Frobenius-norm weight α, relative to mean diag(λC)
-
-    # --- PMET ----------------------------------------------------------------------------------
-    pmet_attn_weight: float = 1.0  # weight of the attention-output part of the optimised change
 
     def __post_init__(self):
         layers = tuple(int(x) for x in self.layers)
@@ -69,8 +71,8 @@ class EditHParams:
             raise ValueError(f"unknown alphaedit_null_scale {self.alphaedit_null_scale!r} (energy, max)")
         if self.encore_alpha < 0:
             raise ValueError("hparams.encore_alpha must be ≥ 0")
-        if self.distribution not in ("uniform", "last"):
-            raise ValueError(f"unknown distribution {self.distribution!r} (uniform, last)")
+        if self.distribution not in ("uniform", "last", "sqrt"):
+            raise ValueError(f"unknown distribution {self.distribution!r} (uniform, last, sqrt)")
 
     @property
     def v_layer(self) -> int:
@@ -92,6 +94,7 @@ class EditHParams:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EditHParams":
         known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if not (k in _RETIRED and v == _RETIRED[k])}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
@@ -122,7 +125,37 @@ def preset_for(model) -> EditHParams:
     n = int(config.num_hidden_layers if hasattr(config, "num_hidden_layers") else config.n_layer)
     name = f"{config.model_type}-{n}L"
     if name in preset_names():
-        return load_preset(name)
-    start = max(0, min(n - 1, n // 6))
-    layers = tuple(range(start, min(n, start + 5)))
-    return EditHParams(layers=layers)
+        hp = load_preset(name)
+    else:
+        start = max(0, min(n - 1, n // 6))
+        hp = EditHParams(layers=tuple(range(start, min(n, start + 5))))
+    params = getattr(model, "parameters", None)
+    device = next(params()).device if callable(params) else None
+    if device is not None and "autocast_bf16" not in _preset_keys(name):
+        hp = hp.replace(autocast_bf16=default_autocast_bf16(device))  # recorded: the ledger says which ran
+    return hp
+
+
+def _preset_keys(name: str) -> set[str]:
+    path = resources.files(__package__).joinpath("presets", f"{name}.json")
+    return set(json.loads(path.read_text())) if path.is_file() else set()
+
+
+def default_autocast_bf16(device) -> bool:
+    """Whether v* runs under bf16 autocast by default on `device`: on CUDA with bf16 support, and
+    on CPUs with bf16 matrix units (Intel AMX: `amx_bf16` in /proc/cpuinfo, or torch reporting an
+    AMX capability). Elsewhere (e.g. AVX2/AVX-512 without AMX) bf16 is emulated and no faster."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    if "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper():
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False

@@ -164,9 +164,15 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 # --- loading ------------------------------------------------------------------------------------
+def default_device() -> torch.device:
+    """CUDA when there is one, else the CPU: where models load unless told otherwise."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu"):
+               device: str | torch.device | None = None):
     """(model, tokenizer) in eval mode with every parameter frozen; the tokenizer has a pad token.
+    device: where the weights go (default: `default_device()`).
 
     Works for any causal LM transformers can load; whether knowledger can edit it is decided by
     `model_spec.spec_for(model)` (UnsupportedArchitecture for families not in the table).
@@ -175,7 +181,7 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
 
     folder = resolve_model(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    model.to(device).eval()
+    model.to(device or default_device()).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:

@@ -15,14 +15,20 @@ class LayerDelta:
     """ΔW = left @ rightᵀ for one edited projection, in the math orientation W (d_out, d_in).
 
     Stored factored (rank r ≤ number of facts); dense only at the moment of applying.
+    `orientation` says which layout the factors are in: always "math" (ΔW (d_out, d_in)); the
+    stored layout of the weight comes from the architecture table (ModelSpec.from_math), never from
+    a shape. `dtype` is the factors' dtype (float32 as editors return and the ledger stores them).
     """
 
     layer: int
     param: str  # parameter name in model.state_dict(), e.g. "model.layers.4.mlp.down_proj.weight"
     left: torch.Tensor  # (d_out, r)
     right: torch.Tensor  # (d_in, r)
+    orientation: str = "math"
 
     def __post_init__(self):
+        if self.orientation != "math":
+            raise ValueError(f"LayerDelta factors are in the math orientation; got {self.orientation!r}")
         if self.left.ndim != 2 or self.right.ndim != 2 or self.left.shape[1] != self.right.shape[1]:
             raise ValueError(
                 f"LayerDelta factors must be (d_out, r) and (d_in, r); got "
@@ -32,6 +38,10 @@ class LayerDelta:
     @property
     def shape(self) -> tuple[int, int]:  # (d_out, d_in)
         return int(self.left.shape[0]), int(self.right.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.left.dtype
 
     @property
     def rank(self) -> int:

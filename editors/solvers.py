@@ -1,4 +1,4 @@
-"""Closed-form solves of the locate-then-edit editors: MEMIT, EMMET and ROME (EMMET with one key).
+"""Closed-form solves of the locate-then-edit editors: MEMIT, EMMET, ROME, AlphaEdit and ENCORE.
 
 Pure tensor math, no model. Math orientation throughout: the edited projection is W (d_out, d_in)
 with out = W @ k; keys K (d_in, n) hold one fact per column, target values V (d_out, n), the
@@ -11,7 +11,9 @@ corpus (symmetric PSD). Every solve runs in float64; factors are returned as ΔW
   (A + K Kᵀ)⁻¹ K = A⁻¹K (I + Kᵀ A⁻¹ K)⁻¹, an n×n solve per batch.
 - EMMET (Gupta et al. 2024, "A Unified Framework for Model Editing", equality-constrained form):
   minimise tr(ΔW C ΔWᵀ) s.t. (W+ΔW)K = V  ⇒  ΔW = R (Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹.
-- ROME (Meng et al. 2022, eq. 2) is EMMET with a single key on a single layer.
+- ROME (Meng et al. 2022, eq. 2): one key k on one layer, ΔW = (v − Wk)(C⁻¹k)ᵀ / (kᵀC⁻¹k) — the
+  same constrained problem as EMMET with n = 1, solved in its own closed form without a ridge.
+- PMET uses MEMIT's solve on its own residual (editors.pmet).
 
 Solve, don't invert: C is factorised once per layer (`CovSolver`, kept by the caller across many
 batches) and used through `torch.cholesky_solve`; no d×d inverse is ever formed.
@@ -231,16 +233,29 @@ def emmet_delta(K: torch.Tensor, R: torch.Tensor, cov: CovSolver, ridge: float =
 
 def rome_delta(k: torch.Tensor, r: torch.Tensor, cov: CovSolver, *, W: torch.Tensor | None = None,
                out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """ROME's rank-one update ΔW = r (C⁻¹k)ᵀ / (kᵀC⁻¹k): EMMET with one key and no ridge.
+    """ROME's rank-one update (Meng et al. 2022, "Locating and Editing Factual Associations in GPT",
+    eq. 2 and its closed form): minimise ‖ΔW‖ in the C-norm subject to (W + ΔW) k = v, which gives
 
-    k (d_in,) or (d_in, 1); r = v − W k (d_out,) or (d_out, 1). Returns (left (d_out, 1),
-    right (d_in, 1), diag).
+        ΔW = (v − W k) (C⁻¹k)ᵀ / (kᵀ C⁻¹ k),   i.e.  left = r / (kᵀC⁻¹k) (d_out, 1),  right = C⁻¹k (d_in, 1).
+
+    No ridge and no λ: C is `cov`'s C itself (CovSolver.solve_c divides λ back out; only its tiny
+    jitter remains). k (d_in,) or (d_in, 1) is the key k*, r = v* − W k* (d_out,) or (d_out, 1).
+    Returns (left, right, diag); (W + ΔW) k = v holds up to rounding.
     """
     K = k[:, None] if k.ndim == 1 else k  # (d_in, 1)
     R = r[:, None] if r.ndim == 1 else r  # (d_out, 1)
-    if K.shape[1] != 1 or R.shape[1] != 1:
-        raise ValueError(f"ROME edits one fact; got {K.shape[1]} keys and {R.shape[1]} residuals")
-    return emmet_delta(K, R, cov, ridge=0.0, W=W, out_dtype=out_dtype)
+    if K.ndim != 2 or R.ndim != 2 or K.shape[1] != 1 or R.shape[1] != 1:
+        raise ValueError(f"ROME edits one fact; got keys {tuple(K.shape)} and residuals {tuple(R.shape)}")
+    K, R = _check(K, R, cov)  # (d_in, 1), (d_out, 1) float64
+    u = cov.solve_c(K)  # (d_in, 1)  C⁻¹k
+    denom = float((K.T @ u).squeeze())  # kᵀC⁻¹k, > 0 for C SPD and k ≠ 0
+    if not denom > 0:
+        raise ValueError(f"ROME: kᵀC⁻¹k = {denom:.3g} is not positive (zero key?)")
+    left = R / denom  # (d_out, 1)
+    right = u  # (d_in, 1)
+    diag = _diagnostics(K, R, left, right, W)
+    diag.update(cond=1.0, kCk=denom, ridge=0.0, ridge_rel=0.0, ridge_forced=0.0, **cov.info())
+    return left.to(out_dtype), right.to(out_dtype), diag
 
 
 # --- the lifelong solves: AlphaEdit and ENCORE ------------------------------------------------------

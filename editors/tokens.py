@@ -45,12 +45,15 @@ class Batch:
     subject_pos: torch.Tensor  # (B,) long
 
 
-def pad_right(rows: list[list[int]], subject_pos: list[int], pad_id: int) -> Batch:
+def pad_right(rows: list[list[int]], subject_pos: list[int], pad_id: int, *, device=None) -> Batch:
+    """rows of token ids -> one right-padded batch on `device` (default: CPU)."""
     T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T), built on the CPU ...
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return Batch(ids=ids, lengths=torch.tensor([len(r) for r in rows]), subject_pos=torch.tensor(subject_pos))
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return Batch(ids=ids.to(device), lengths=as_long([len(r) for r in rows]),  # ... moved once
+                 subject_pos=as_long(subject_pos))
 
 
 @dataclass

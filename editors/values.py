@@ -5,7 +5,8 @@ token, over the bare rewrite prompt and a few model-generated context prefixes, 
 puts its mass on target_new; a KL term on "{subject} is a" keeps the subject's other predictions,
 a weight decay and a norm clamp keep δ small (MEMIT §3.2; EMMET uses the same targets).
 PMET ("PMET: Precise Model Editing in a Transformer") optimises two vectors instead, one added to
-the attention output and one to the MLP output of layer L, and only the MLP part becomes the target.
+the attention output and one to the MLP output of layer L, and only the MLP part becomes the target
+(editors.pmet).
 
 Speed (see ../shared/REFERENCE.md, "where its time goes"):
 - all facts of a batch are optimised together, each with its own δ and its own Adam state;
@@ -24,10 +25,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .forward import PrefixCache, run_from, unembed
-from .hooks import TraceDict
+from .forward import PrefixCache, model_device, run_from, unembed
 from .hparams import EditHParams
 from .model_spec import ModelSpec
+from .pmet import run_with_component_deltas
+from .progress import Progress
 from .requests import EditRequest
 from .tokens import encode_with_subject, pad_id, pad_right, target_ids
 
@@ -87,7 +89,7 @@ class ValueTargets:
 class _Layout:
     """Rows of the optimisation batch: per fact, one row per context plus one KL row."""
 
-    def __init__(self, tokenizer, requests: list[EditRequest], contexts: list[str]):
+    def __init__(self, tokenizer, requests: list[EditRequest], contexts: list[str], device=None):
         rows, subj, fact, bare = [], [], [], []
         lp_row, lp_pos, lp_tgt, kl_row, kl_pos = [], [], [], [], []
         for f, r in enumerate(requests):
@@ -102,12 +104,13 @@ class _Layout:
             ids, s = encode_with_subject(tokenizer, "", KL_TEMPLATE, r.subject)
             kl_row.append(len(rows)); kl_pos.append(len(ids) - 1)
             rows.append(ids); subj.append(s); fact.append(f)
-        self.batch = pad_right(rows, subj, pad_id(tokenizer))
-        self.fact = torch.tensor(fact)  # (B,) fact index of each row
-        self.bare = torch.tensor(bare)  # (n,) row of each fact's bare prompt
-        self.lp_row, self.lp_pos = torch.tensor(lp_row), torch.tensor(lp_pos)  # (m,)
-        self.lp_tgt = torch.tensor(lp_tgt)  # (m,)
-        self.kl_row, self.kl_pos = torch.tensor(kl_row), torch.tensor(kl_pos)  # (n,)
+        self.batch = pad_right(rows, subj, pad_id(tokenizer), device=device)
+        as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        self.fact = as_long(fact)  # (B,) fact index of each row
+        self.bare = as_long(bare)  # (n,) row of each fact's bare prompt
+        self.lp_row, self.lp_pos = as_long(lp_row), as_long(lp_pos)  # (m,)
+        self.lp_tgt = as_long(lp_tgt)  # (m,)
+        self.kl_row, self.kl_pos = as_long(kl_row), as_long(kl_pos)  # (n,)
 
 
 def _adam_step(delta, grad, m, v, t, rows, lr, b1=0.9, b2=0.999, eps=1e-8):
@@ -123,22 +126,27 @@ def _adam_step(delta, grad, m, v, t, rows, lr, b1=0.9, b2=0.999, eps=1e-8):
 
 
 def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp: EditHParams,
-                    contexts: list[str], *, pmet: bool = False, progress=None) -> ValueTargets:
+                    contexts: list[str], *, pmet: bool = False, progress: Progress | None = None) -> ValueTargets:
     """Target changes δ for every fact. Facts are independent here (own δ, own Adam state, own
     stopping), so a large batch is optimised in chunks of `hp.v_batch` facts: same result,
-    memory bounded by the chunk, not the batch."""
-    if len(requests) > hp.v_batch:
-        parts = [_optimise(model, tokenizer, spec, requests[i : i + hp.v_batch], hp, contexts, pmet=pmet,
-                           progress=progress) for i in range(0, len(requests), hp.v_batch)]
-        return ValueTargets(delta=torch.cat([p.delta for p in parts]), stats=[s for p in parts for s in p.stats],
-                            contexts=list(contexts))
-    return _optimise(model, tokenizer, spec, requests, hp, contexts, pmet=pmet, progress=progress)
+    memory bounded by the chunk, not the batch. progress("values", facts finished, facts)."""
+    parts = []
+    for i in range(0, len(requests), hp.v_batch):
+        chunk = requests[i : i + hp.v_batch]
+        report = None if progress is None else (
+            lambda phase, done, total, i=i: progress(phase, i + done, len(requests)))
+        parts.append(_optimise(model, tokenizer, spec, chunk, hp, contexts, pmet=pmet, progress=report))
+    if len(parts) == 1:
+        return parts[0]
+    return ValueTargets(delta=torch.cat([p.delta for p in parts]), stats=[s for p in parts for s in p.stats],
+                        contexts=list(contexts))
 
 
 def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp: EditHParams,
-              contexts: list[str], *, pmet: bool = False, progress=None) -> ValueTargets:
+              contexts: list[str], *, pmet: bool = False, progress: Progress | None = None) -> ValueTargets:
     L = hp.v_layer
-    lay = _Layout(tokenizer, requests, contexts)
+    dev = model_device(model)  # every tensor below lives here; δ and Adam's state stay float32
+    lay = _Layout(tokenizer, requests, contexts, device=dev)
     ids, subj = lay.batch.ids, lay.batch.subject_pos  # (B, T), (B,)
     n, B = len(requests), ids.shape[0]
     # Once: a full pass caching every layer's keys/values and the input of the first block that
@@ -149,40 +157,43 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
         prefix = PrefixCache(model, spec, ids, block_inputs=sorted({start, L + 1}))
     h_L = prefix.block_inputs[L + 1]  # (B, T, d) output of block L
     S = int((lay.batch.lengths - subj).max())  # suffix width
-    cols = (subj[:, None] + torch.arange(S)[None]).clamp(max=ids.shape[1] - 1)  # (B, S)
+    cols = (subj[:, None] + torch.arange(S, device=dev)[None]).clamp(max=ids.shape[1] - 1)  # (B, S)
     h_in = prefix.block_inputs[start].gather(1, cols[..., None].expand(-1, -1, h_L.shape[-1]))  # (B, S, d)
     lp_col = lay.lp_pos - subj[lay.lp_row]  # (m,) loss positions as suffix columns
     kl_col = lay.kl_pos - subj[lay.kl_row]  # (n,)
     d = h_in.shape[-1]
-    h_norm = h_L[lay.bare, subj[lay.bare]].norm(dim=-1)  # (n,) ‖h‖ at the bare prompt's subject
+    h_norm = h_L[lay.bare, subj[lay.bare]].float().norm(dim=-1)  # (n,) ‖h‖ at the bare prompt's subject
     k = 2 if pmet else 1  # PMET: (attention part, MLP part)
-    delta = torch.zeros(n, k, d)  # (n, k, d)
-    m, v, t = torch.zeros_like(delta), torch.zeros_like(delta), torch.zeros(n, dtype=torch.long)
+    delta = torch.zeros(n, k, d, device=dev)  # (n, k, d) float32 whatever the model's dtype
+    m, v = torch.zeros_like(delta), torch.zeros_like(delta)  # (n, k, d) Adam's moments
+    t = torch.zeros(n, dtype=torch.long, device=dev)  # (n,) Adam's step per fact
     max_norm = hp.v_clamp_norm_factor * h_norm  # (n,)
-    streak = torch.zeros(n, dtype=torch.long)
-    done = torch.zeros(n, dtype=torch.bool)
-    steps = torch.zeros(n, dtype=torch.long)
-    last_nll = torch.full((n,), float("nan"))
-    last_prob = torch.full((n,), float("nan"))
+    streak = torch.zeros(n, dtype=torch.long, device=dev)  # (n,)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)  # (n,)
+    steps = torch.zeros(n, dtype=torch.long, device=dev)  # (n,)
+    last_nll = torch.full((n,), float("nan"), device=dev)  # (n,)
+    last_prob = torch.full((n,), float("nan"), device=dev)  # (n,)
     kl0 = None
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if hp.autocast_bf16 else nullcontext()
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if hp.autocast_bf16 else nullcontext()
     for step in range(hp.v_steps + 1):
         active_f = (~done).nonzero().flatten()  # (a,)
         if active_f.numel() == 0:
             break
         rows = torch.isin(lay.fact, active_f).nonzero().flatten()  # (b,)
-        local = torch.full((B,), -1, dtype=torch.long); local[rows] = torch.arange(rows.numel())
+        local = torch.full((B,), -1, dtype=torch.long, device=dev)  # (B,) row -> position among active
+        local[rows] = torch.arange(rows.numel(), device=dev)
         dvar = delta.clone().requires_grad_(True)
         per_row = dvar[lay.fact[rows]]  # (b, k, d)
-        onehot = torch.zeros(rows.numel(), S, 1, dtype=h_in.dtype)  # (b, S, 1): δ at column 0
+        onehot = torch.zeros(rows.numel(), S, 1, dtype=h_in.dtype, device=dev)  # (b, S, 1): δ at column 0
         onehot[:, 0] = 1.0
         position_ids, key_mask = prefix.suffix_inputs(subj[rows], S)  # (b, S), (b, T+S)
         run = dict(position_ids=position_ids, cache=prefix.select(rows), attention_mask=key_mask)
         with autocast:
             if pmet:
-                final = _run_pmet(model, spec, L, h_in[rows], onehot, per_row, run)
+                final = run_with_component_deltas(model, spec, L, h_in[rows], onehot, per_row, run)
             else:
-                final = run_from(model, spec, start, h_in[rows] + onehot * per_row[:, 0].unsqueeze(1), **run)
+                add = (onehot * per_row[:, 0].unsqueeze(1)).to(h_in.dtype)  # (b, S, d) in the model's dtype
+                final = run_from(model, spec, start, h_in[rows] + add, **run)
             lsel = torch.isin(lay.lp_row, rows)  # target positions of active rows
             x = final[local[lay.lp_row[lsel]], lp_col[lsel]]  # (m, d)
             logp = F.log_softmax(unembed(model, x).float(), dim=-1)  # (m, V)
@@ -192,15 +203,15 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
         tgt = lay.lp_tgt[lsel]
         fact_of_lp = lay.fact[lay.lp_row[lsel]]  # (m,)
         nll_pos = -logp.gather(1, tgt[:, None]).squeeze(1)  # (m,)
-        cnt = torch.zeros(n).index_add_(0, fact_of_lp, torch.ones_like(nll_pos))
-        nll = torch.zeros(n).index_add(0, fact_of_lp, nll_pos) / cnt.clamp(min=1)  # (n,)
+        zeros_n = torch.zeros(n, device=dev)  # (n,) float32
+        cnt = zeros_n.index_add(0, fact_of_lp, torch.ones_like(nll_pos))  # (n,) target tokens per fact
+        nll = zeros_n.index_add(0, fact_of_lp, nll_pos) / cnt.clamp(min=1)  # (n,)
         hit = (logp.argmax(-1) == tgt).float()
-        all_hit = torch.zeros(n).index_add_(0, fact_of_lp, hit) == cnt  # (n,)
+        all_hit = zeros_n.index_add(0, fact_of_lp, hit) == cnt  # (n,)
         if kl0 is None:  # step 0 runs with δ = 0: the unedited distribution
-            kl0 = torch.zeros(n, logp_kl.shape[-1])
+            kl0 = torch.zeros(n, logp_kl.shape[-1], device=dev)  # (n, V)
             kl0[active_f] = logp_kl.detach()
-        kl = torch.zeros(n)
-        kl = kl.index_put((active_f,), F.kl_div(logp_kl, kl0[active_f], log_target=True,
+        kl = zeros_n.index_put((active_f,), F.kl_div(logp_kl, kl0[active_f], log_target=True,
                                                  reduction="none").sum(-1))
         wd = hp.v_weight_decay * dvar.pow(2).sum((1, 2)) / h_norm.pow(2)  # (n,)
         loss = nll + hp.kl_factor * kl + wd  # (n,)
@@ -226,7 +237,7 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
             scale = torch.clamp(max_norm[:, None] / norms.clamp(min=1e-12), max=1.0)
             delta *= scale.unsqueeze(-1)
         if progress is not None:
-            progress(step, int(done.sum()), n)
+            progress("values", int(done.sum()), n)
 
     stats = [
         {"steps": int(steps[f]), "converged": bool(streak[f] >= hp.early_stop_patience),
@@ -236,23 +247,3 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
     ]
     # The MLP part (the only part for MEMIT/EMMET) is the target change of layer L's output.
     return ValueTargets(delta=delta[:, -1].clone(), stats=stats, contexts=list(contexts))
-
-
-def _run_pmet(model, spec: ModelSpec, L: int, h_in, onehot, per_row, run: dict):
-    """Run blocks L.. with δ_attn added to block L's attention output and δ_mlp to its MLP output."""
-    add_attn = onehot * per_row[:, 0].unsqueeze(1)  # (b, T, d)
-    add_mlp = onehot * per_row[:, 1].unsqueeze(1)
-
-    def edit(output, name):
-        if name == spec.attn_name(L):
-            return _add(output, add_attn)
-        return _add(output, add_mlp)
-
-    with TraceDict(model, [spec.attn_name(L), spec.mlp_name(L)], retain_output=False, edit_output=edit):
-        return run_from(model, spec, L, h_in, **run)
-
-
-def _add(output, add):
-    if isinstance(output, tuple):
-        return (output[0] + add.to(output[0].dtype),) + tuple(output[1:])
-    return output + add.to(output.dtype)

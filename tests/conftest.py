@@ -109,3 +109,13 @@ def ledger_db(request, tmp_path):
     if getattr(request, "param", "sqlite") == "sqlite":
         return tmp_path / "ws"
     return request.getfixturevalue("postgres_url")
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped (with the reason) where there is none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

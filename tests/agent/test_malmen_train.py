@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from knowledger.agent.editing import open_model
-from knowledger.agent.malmen_train import LowerCache, TrainSettings, batch_at, split, train
+from knowledger.agent.malmen_train import LowerCache, TrainSettings, batch_at, read_checkpoint, split, train
 from knowledger.editors.malmen import HyperConfig, final_hidden, load_hypernet
 from knowledger.editors.model_spec import spec_for
 from knowledger.editors.tokens import teacher_forced
@@ -70,8 +70,7 @@ def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(editable, 
               progress=False)
     out = train(editable, facts, tmp_path / "b", TrainSettings(steps=6, **st), resume=True, progress=False)
     assert out["steps_done"] == 6
-    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    a, b = read_checkpoint(tmp_path / "a"), read_checkpoint(tmp_path / "b")  # safetensors + JSON
     for k, v in a["net"].items():
         torch.testing.assert_close(b["net"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     steps_a = [h["step"] for h in a["history"] if "edit_loss" in h]

@@ -125,7 +125,9 @@ def test_float64_weights_are_updated_in_float64():
     w0 = spec.edited_weight(model, 1).detach().clone()
     delta = random_delta(model, spec, 1)
     apply_deltas(model, spec, [delta])
-    assert torch.equal(spec.edited_weight(model, 1).detach(), w0 + dense_delta(spec, delta, torch.float64))
+    got = spec.edited_weight(model, 1).detach()
+    assert got.dtype == torch.float64  # composed in float64 (rank one at a time), not via float32
+    torch.testing.assert_close(got, w0 + dense_delta(spec, delta, torch.float64), atol=1e-14, rtol=0)
 
 
 def test_mismatched_param_or_shape_is_rejected():
@@ -136,3 +138,68 @@ def test_mismatched_param_or_shape_is_rejected():
         apply_deltas(model, spec, [LayerDelta(1, spec.weight_name(2), d.left, d.right)])
     with pytest.raises(ValueError, match="does not match"):
         apply_deltas(model, spec, [LayerDelta(1, d.param, d.right, d.left)])  # transposed
+
+
+# --- one composer, one writer ----------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_edit_out_and_apply_then_export_give_the_same_bits(family):
+    """`knowledger edit --out` (apply_deltas / apply_from_base on the loaded model) and `apply` +
+    `export` (the ledger's LiveModel composing base + stored float32 factors) are one arithmetic."""
+    from types import SimpleNamespace
+
+    from knowledger.agent.live import ActiveDelta, LiveModel, stored_delta
+    from knowledger.editors.apply import apply_from_base
+
+    spec = spec_for(tiny_model(family))
+    batches = [[random_delta(tiny_model(family), spec, 1, seed=1)],
+               [random_delta(tiny_model(family), spec, 1, rank=3, seed=2), random_delta(tiny_model(family), spec, 2)]]
+    direct = tiny_model(family)  # one batch after another, each composed from the base
+    base = snapshot_params(direct, [spec.weight_name(1), spec.weight_name(2)])
+    done = []
+    for batch in batches:
+        done += batch
+        edit_shas = apply_from_base(direct, spec, base, done)
+    one = tiny_model(family)  # a single batch through apply_deltas
+    apply_deltas(one, spec, batches[0])
+    live_model = tiny_model(family)
+    live = LiveModel(SimpleNamespace(model=live_model, spec=spec), 1, "base")
+    live.set_active([ActiveDelta(1, 1, stored_delta(batches[0][0]))])
+    assert torch.equal(live_model.get_parameter(spec.weight_name(1)), one.get_parameter(spec.weight_name(1)))
+    live.set_active([ActiveDelta(s, s, stored_delta(d)) for s, b in enumerate(batches, 1) for d in b])
+    for name, sha in edit_shas.items():
+        assert torch.equal(live_model.get_parameter(name), direct.get_parameter(name)), name
+        assert live.param_shas[name] == sha
+
+
+def test_compose_is_the_float64_rank_one_sum_and_continues_a_partial_sum():
+    model = tiny_model("gpt2")
+    spec = spec_for(model)
+    from knowledger.editors.apply import compose
+
+    a, b = random_delta(model, spec, 1, rank=3, seed=1), random_delta(model, spec, 1, rank=2, seed=2)
+    W = spec.edited_weight(model, 1).detach()  # stored layout (d_in, d_out) for Conv1D
+    full = compose(W, [a, b], spec)
+    assert full.dtype == torch.float64 and full.shape == W.shape
+    dense = W.double() + spec.from_math(a.left.double() @ a.right.double().T + b.left.double() @ b.right.double().T)
+    assert float((full - dense).abs().max()) < 1e-12
+    assert torch.equal(compose(compose(W, [a], spec), [b], spec), full)  # a cached prefix continues exactly
+    assert torch.equal(spec.edited_weight(model, 1).detach(), W)  # the base is never touched
+
+
+def test_write_checks_everything_before_writing_anything():
+    from knowledger.editors.apply import write
+
+    model = tiny_model("llama")
+    spec = spec_for(model)
+    names = [spec.weight_name(0), spec.weight_name(1)]
+    before = snapshot_params(model, names)
+    with pytest.raises(ValueError, match="is \\(3, 3\\)"):
+        write(model, {names[0]: before[names[0]] + 1, names[1]: torch.zeros(3, 3)})
+    bad = before[names[1]].clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(NonFiniteDelta):
+        write(model, {names[0]: before[names[0]] + 1, names[1]: bad})
+    for n in names:
+        assert torch.equal(model.get_parameter(n), before[n])
+    shas = write(model, {names[0]: before[names[0]] + 1})
+    assert shas == {names[0]: weight_sha256(before[names[0]] + 1)}

@@ -44,3 +44,9 @@ def test_errors():
         LastLayer().layers([])
     with pytest.raises(ValueError, match="position"):
         Uniform().share(3, 3)
+
+
+def test_sqrt_is_pmets_spread():
+    s = get_distribution("sqrt")
+    assert s.name == "sqrt" and s.layers([3, 4, 5]) == (3, 4, 5)
+    assert [s.share(i, 3) for i in range(3)] == pytest.approx([3 ** -0.5, 2 ** -0.5, 1.0])

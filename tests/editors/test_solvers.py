@@ -217,3 +217,37 @@ def test_solvers_reject_mismatched_or_non_finite_inputs():
         emmet_delta(K, bad, cov)
     with pytest.raises(ValueError, match="ridge"):
         emmet_delta(K, V, cov, ridge=-1.0)
+
+
+# --- ROME and PMET as published ----------------------------------------------------------------------
+@FAST
+@given(**dims, lam=st.floats(1e-2, 1e4))
+def test_rome_is_the_papers_closed_form_without_ridge_or_lambda(seed, d_in, d_out, lam):
+    """ROME (Meng et al. 2022, eq. 2 closed form): ΔW = (v − Wk)(C⁻¹k)ᵀ / (kᵀC⁻¹k), independent of λ."""
+    C, W, K, V = problem(seed, d_in, d_out, 1)
+    k, v = K[:, 0], V[:, 0]  # (d_in,), (d_out,)
+    Cinv_k = torch.linalg.inv(C) @ k  # (d_in,) the paper's C⁻¹k, by an explicit inverse in float64
+    paper = torch.outer(v - W @ k, Cinv_k) / (k @ Cinv_k)  # (d_out, d_in)
+    left, right, diag = rome_delta(k, v - W @ k, CovSolver(C, lam, jitter=0.0), W=W, out_dtype=F64)
+    assert rel(left @ right.T, paper) < 1e-8
+    assert rel((W + left @ right.T) @ k, v) < 1e-8  # the constraint holds: no ridge
+    assert diag["ridge"] == 0.0 and diag["residual_after"] <= 1e-8 * max(diag["residual_before"], 1.0)
+
+
+@FAST
+@given(**dims, n=st.integers(1, 8), n_layers=st.integers(1, 6), lam=st.floats(1e-2, 1e3))
+def test_pmet_is_memits_least_squares_on_a_residual_spread_by_one_over_sqrt_layers_left(
+        seed, d_in, d_out, n, n_layers, lam):
+    """PMET (Li et al. 2024): at layer i of L, ΔW_i = (R_i / √(L − i)) Kᵀ (KKᵀ + λC)⁻¹."""
+    from knowledger.editors.distribute import get_distribution
+    from knowledger.editors.pmet import pmet_delta
+
+    C, W, K, V = problem(seed, d_in, d_out, n)
+    R = V - W @ K  # (d_out, n) the MLP-output residual still missing
+    spread = get_distribution("sqrt")
+    for i in range(n_layers):
+        share = spread.share(i, n_layers)
+        assert share == pytest.approx(1 / math.sqrt(n_layers - i))
+        paper = (R / math.sqrt(n_layers - i)) @ K.T @ torch.linalg.inv(K @ K.T + lam * C)  # (d_out, d_in)
+        left, right, _ = pmet_delta(K, R * share, CovSolver(C, lam, jitter=0.0), out_dtype=F64)
+        assert rel(left @ right.T, paper) < 1e-7
