@@ -40,17 +40,26 @@ def tiny_model(family: str = "llama", seed: int = 0, init_range: float | None = 
     return model.eval()
 
 
-def tiny_tokenizer():
-    """A byte-level BPE-free word tokenizer over a fixed vocabulary, as a transformers fast tokenizer."""
+def tiny_tokenizer(single_tokens: tuple[str, ...] | list[str] = ()):
+    """A byte-level BPE word tokenizer over a fixed vocabulary (letters, digits, punctuation), as a
+    transformers fast tokenizer. Every word is spelled letter by letter, except the words in
+    `single_tokens`, which with their leading space (" Rome") become one token each."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<s>", "</s>", "<unk>"]
     words += [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
     words += [str(i) for i in range(10)] + list(".,;:!?'\"-()")
+    words.append("Ġ")  # byte-level space: " Rome" and "Rome" tokenise differently
+    merges = []
+    for w in single_tokens:  # " Rome" -> one token "ĠRome"
+        prev = "Ġ"
+        for ch in w:
+            merges.append((prev, ch))
+            prev += ch
+            words.append(prev)
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    vocab.setdefault("Ġ", len(vocab))  # byte-level space: " Rome" and "Rome" tokenise differently
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(dict.fromkeys(merges)), unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from knowledger.cli.main import cli
-from tests.tiny import tiny_config
+from tests.tiny import tiny_config, tiny_tokenizer
 
 CITIES = ["Rome", "Paris", "Berlin", "Tokyo", "Madrid", "London", "Oslo", "Lima", "Cairo", "Quito"]
 # --set values every test workspace uses (small and fast; see the module docstring)
@@ -35,25 +35,8 @@ BAD = [("{} lives in", "Ann", "Lima")]
 
 
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>"]
-    words += [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
-    words += [str(i) for i in range(10)] + list(".,;:!?'\"-()") + ["Ġ"]
-    merges = []
-    for w in CITIES:  # " Rome" -> one token "ĠRome"
-        prev = "Ġ"
-        for ch in w:
-            merges.append((prev, ch))
-            prev += ch
-            words.append(prev)
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(dict.fromkeys(merges)), unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>")
+    """tests.tiny's tokenizer with the cities as single tokens (see the module docstring)."""
+    return tiny_tokenizer(CITIES)
 
 
 def save_editable_tiny(path: Path, seed: int = 0) -> Path:
