@@ -185,8 +185,9 @@ def choose_editor(n: int, requested: str, memit_min_batch: int, history: History
 
 
 def batch_limit(editor: str) -> int | None:
-    """The most facts one batch of `editor` may hold (editors.methods), None for any; auto: None."""
-    return None if editor == "auto" else get_method(editor).max_batch
+    """The most facts one batch of `editor` may hold (editors.methods), None for any; None for
+    auto and for bench's "none" (the unedited baseline)."""
+    return None if editor in ("auto", "none") else get_method(editor).max_batch
 
 
 def plan(facts: list[PendingFact], *, batch_size: int, editor: str = "auto",
