@@ -86,9 +86,9 @@ def test_lifelong_editors_read_the_memory(ws, corpus, monkeypatch):
     seen = []
     real = Editor.compute
 
-    def spy(self, requests, progress=None, *, memory=None):
+    def spy(self, requests, *, memory=None, progress=None):
         seen.append((self.method, None if memory is None else memory.counts.get(1, 0)))
-        return real(self, requests, progress, memory=memory)
+        return real(self, requests, memory=memory, progress=progress)
 
     monkeypatch.setattr(Editor, "compute", spy)
     submit(ws, GOOD[:3])

@@ -36,7 +36,7 @@ def test_last_layer_selects_only_the_last():
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="unknown distribution 'spread'.*last, uniform"):
+    with pytest.raises(ValueError, match="unknown distribution 'spread'.*last, sqrt, uniform"):
         get_distribution("spread")
     with pytest.raises(ValueError, match="ascending"):
         Uniform().layers([5, 4])
