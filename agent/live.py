@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from safetensors.torch import load as st_load, save as st_save
 from knowledger.agent.editing import LoadedModel, open_model
 from knowledger.agent.lock import fault_point
 from knowledger.agent.workspace import Location, Workspace
+from knowledger.editors.fileio import atomic_write_bytes
 from knowledger.editors.apply import NonFiniteDelta, restore_params, weight_sha256
 from knowledger.editors.result import LayerDelta
 from knowledger.ledger import repository as repo
@@ -206,33 +206,16 @@ class LiveModel:
     def write_snapshot(self, path: Path, head_seq: int) -> None:
         meta = dict(format=SNAPSHOT_FORMAT, base_sha256=self.base_sha256, head_seq=str(head_seq),
                     state_sha256=self.state_hash, params=json.dumps(sorted(self.param_shas)))
-        write_snapshot(path, self.touched_tensors(), meta)
+        write_snapshot(path, self.touched_tensors(), meta, root=path.parent)
 
 
 # --- the snapshot file ----------------------------------------------------------------------------
-def write_snapshot(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write atomically: a temporary file beside `path`, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_snapshot(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                   root: Path | None = None) -> None:
+    """Write atomically (editors.fileio: temp file beside `path`, fsync, 0644, rename, fsync the
+    directory), never through a symlink, and with `root` never outside it."""
     data = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
-            f.flush()
-            fault_point("mid-snapshot-write")
-            f.write(data[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_bytes(path, data, root=root, halfway=lambda: fault_point("mid-snapshot-write"))
 
 
 def remove_stale_temporaries(path: Path) -> int:
