@@ -132,3 +132,293 @@ def _count(ws, table) -> int:
         return con.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
     finally:
         con.close()
+
+
+# --- probes, one row each ----------------------------------------------------------------------------
+def _facts_ws(tmp_path):
+    from tests.ledger.helpers import make_workspace
+
+    return make_workspace(tmp_path / "ws")
+
+
+def _stored(ws) -> int:
+    from tests.ledger.helpers import count_facts
+
+    return count_facts(ws)
+
+
+def _submit_file_refused(tmp_path, name: str, data: bytes | None, *extra, expect: str):
+    ws = _facts_ws(tmp_path)
+    path = tmp_path / name
+    if data is None:
+        path.mkdir()
+    else:
+        path.write_bytes(data)
+    from knowledger.ledger.facts import InvalidFacts, read_facts
+
+    try:  # the reader: a row error or a file-level InvalidFacts, never another exception
+        rows = read_facts(path)
+        errors = [f"{path.name}:{r.line}: {r.error}" for r in rows if not r.ok]
+    except InvalidFacts as e:
+        errors = [str(e)]
+    assert errors and expect in errors[0], errors
+    if data is not None:  # (click refuses a directory for --file itself, in one line)
+        err = one_line_error(run("submit", "--file", path, *extra, db=ws))
+        assert f"{name}:" in err and expect in err, err
+        assert _stored(ws) == 0
+
+
+HEADER = b"prompt,subject,target_new,target_true\n"
+FACT_FILES = {
+    "a CSV row with fewer cells than its header": ("few.csv", HEADER + b"Home of {},Bob,Rome\n", (),
+                                                   "few.csv:2: row has 3 cells, the header 4"),
+    "an unterminated quote": ("quote.csv", HEADER + b'"Home of {},Bob,Rome\nCapital of {},Zork,Tokyo,Oslo\n', (),
+                              "quote.csv:2: malformed CSV"),
+    "an unterminated quote with --skip-invalid": (
+        "quote2.csv", HEADER + b'Capital of {},Zork,Tokyo,Oslo\n"Home of {},Bob,Rome\n', ("--skip-invalid",),
+        "quote2.csv:3: malformed CSV"),
+    "JSON nested 100,000 deep": ("deep.json", b"[" * 100_000 + b"]" * 100_000, (), "deep.json:1: JSON nested too deeply"),
+    "JSONL nested 100,000 deep": ("deep.jsonl", b"[" * 100_000 + b"]" * 100_000 + b"\n", (),
+                                  "deep.jsonl:1: JSON nested too deeply"),
+    "non-UTF-8 bytes": ("bad.csv", HEADER + b"Home of {},B\xffob,Rome,Oslo\n", (), "bad.csv:2: invalid UTF-8"),
+    "a fact file that is a directory": ("dir.jsonl", None, (), "dir.jsonl: is a directory"),
+    "a JSON row without its required keys": ("miss.jsonl", b'{"subject": "Bob"}\n', (), "miss.jsonl:1: prompt is missing"),
+}
+
+
+@pytest.mark.parametrize("probe", list(FACT_FILES))
+def test_fact_file_problems_are_one_line_and_store_nothing(tmp_path, probe):
+    name, data, extra, expect = FACT_FILES[probe]
+    _submit_file_refused(tmp_path, name, data, *extra, expect=expect)
+
+
+SETS = {"v_steps=abc": "hparams.v_steps must be an integer in [1, ",
+        "v_steps=2.5": "hparams.v_steps must be an integer in [1, ",
+        "v_lr=nan": "hparams.v_lr must be a finite number > 0",
+        "v_lr=Infinity": "hparams.v_lr must be a finite number > 0",
+        "v_lr=-1": "hparams.v_lr must be a finite number > 0",
+        "emmet_ridge=-0.5": "hparams.emmet_ridge must be a finite number ≥ 0",
+        "early_stop=maybe": "hparams.early_stop must be true or false",
+        "layers=[2,1]": "hparams.layers must be ascending and unique",
+        "n_context=1e9": "hparams.n_context must be an integer in [0, 1000]"}
+
+
+@pytest.mark.parametrize("setting", list(SETS))
+def test_set_values_are_parsed_by_type_and_range(setting, damaged_ws, tmp_path):
+    """Refused in one line naming the field and its range: in the library (also for values read
+    back from the ledger, which go through __post_init__) and through `apply --set`."""
+    from knowledger.editors.hparams import EditHParams, HParamError
+
+    key, _, text = setting.partition("=")
+    value = json.loads(text) if text not in ("abc", "nan", "maybe") else text
+    with pytest.raises(HParamError, match=SETS[setting].replace("[", r"\[").replace("(", r"\(")):
+        EditHParams.from_dict({"layers": [1, 2], key: value})
+    ws, corpus = damaged_ws  # (undamaged here)
+    err = one_line_error(run(*_apply_args(corpus), "--set", setting, db=ws))
+    assert SETS[setting] in err, err
+
+
+# --- files: never through a symlink, modes, no temporaries -------------------------------------------
+def test_hypernet_add_through_a_symlinked_artifacts_folder_is_refused(tmp_path, tiny_dir):
+    from tests.agent.helpers import save_tiny_hypernet
+
+    ws = _model_ws(tmp_path, tiny_dir)
+    save_tiny_hypernet(tmp_path / "net", tiny_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (ws / "artifacts").symlink_to(elsewhere)
+    err = one_line_error(run("hypernet", "add", tmp_path / "net", db=ws))
+    assert "symlink" in err and "artifacts" in err, err
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_hypernet_copy_is_world_readable(tmp_path, tiny_dir):
+    from tests.agent.helpers import save_tiny_hypernet
+
+    ws = _model_ws(tmp_path, tiny_dir)
+    sha = save_tiny_hypernet(tmp_path / "net", tiny_dir)
+    assert run("hypernet", "add", tmp_path / "net", db=ws).exit_code == 0
+    folder = ws / "artifacts" / sha
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
+
+
+def _model_ws(tmp_path, tiny_dir):
+    ws = tmp_path / "ws"
+    assert run("init", "--model", tiny_dir, db=ws).exit_code == 0
+    return ws
+
+
+def _nan_net(folder):
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(folder / "hypernet.safetensors")
+    name = sorted(t)[0]
+    t[name] = t[name].clone().fill_(float("nan"))
+    save_file(t, folder / "hypernet.safetensors")
+
+
+def _inf_net(folder):
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(folder / "hypernet.safetensors")
+    name = sorted(k for k in t if t[k].is_floating_point())[-1]
+    t[name] = t[name].clone()
+    t[name].view(-1)[0] = float("inf")
+    save_file(t, folder / "hypernet.safetensors")
+
+
+def _oversized_config(folder):
+    path = folder / "config.json"
+    doc = json.loads(path.read_text())
+    doc["hyper"]["rank"] = 10**7  # 10⁷ × (d_in + d_out) floats: allocating it first would hurt
+    path.write_text(json.dumps(doc))
+
+
+def _symlinked_config(folder):
+    (folder / "real-config.json").write_bytes((folder / "config.json").read_bytes())
+    (folder / "config.json").unlink()
+    (folder / "config.json").symlink_to(folder / "real-config.json")
+
+
+HYPERNETS = {"an all-NaN network": (_nan_net, "holds NaN or inf values"),
+             "one inf weight": (_inf_net, "holds NaN or inf values"),
+             "config.json sizes that do not match the weights": (_oversized_config, "config.json says"),
+             "a symlinked config.json": (_symlinked_config, "is a symlink")}
+
+
+@pytest.mark.parametrize("probe", list(HYPERNETS))
+def test_hypernet_add_refuses(tmp_path, tiny_dir, probe):
+    from tests.agent.helpers import save_tiny_hypernet
+
+    ws = _model_ws(tmp_path, tiny_dir)
+    save_tiny_hypernet(tmp_path / "net", tiny_dir)
+    spoil, expect = HYPERNETS[probe]
+    spoil(tmp_path / "net")
+    err = one_line_error(run("hypernet", "add", tmp_path / "net", db=ws))
+    assert expect in err, err
+    assert not (ws / "artifacts").exists() or not any((ws / "artifacts").iterdir())
+
+
+def test_export_modes_and_a_killed_exports_leftover(damaged_ws, tmp_path):
+    ws, _ = damaged_ws  # (undamaged here)
+    leftover = tmp_path / ".out.abcd1234"  # what atomic_dir leaves when the export is SIGKILLed
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    assert run("export", tmp_path / "out", db=ws).exit_code == 0
+    assert not leftover.exists()
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert files and {p.stat().st_mode & 0o777 for p in files} == {0o644}
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_symlinked_snapshot_is_never_written_through(damaged_ws, tmp_path):
+    ws, _ = damaged_ws  # (undamaged here)
+    snap = snapshot_path(locate(ws))
+    outside = tmp_path / "important.txt"
+    outside.write_text("keep me")
+    snap.unlink()
+    snap.symlink_to(outside)
+    run("ask", "Home of Bob", db=ws)  # it may refuse; it must not write to the target
+    assert outside.read_text() == "keep me"
+
+
+def test_a_symlinked_report_folder_is_refused(damaged_ws, tmp_path):
+    ws, _ = damaged_ws
+    target = tmp_path / "target"
+    target.mkdir()
+    (ws / "report").symlink_to(target)
+    assert run("report", db=ws).exit_code != 0
+    assert list(target.iterdir()) == []
+
+
+# --- caches -------------------------------------------------------------------------------------------
+def _flip_a_bit(path):
+    data = bytearray(path.read_bytes())
+    i = data.index(b"contexts") + 20
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+CACHE_DAMAGE = {"a JSON list instead of the cache object": lambda p: p.write_text(json.dumps(["", "x"])),
+                "a flipped bit": _flip_a_bit,
+                "not JSON at all": lambda p: p.write_bytes(b"\x00\xff garbage"),
+                "unreadable (a folder in its place)": lambda p: (p.unlink(), p.mkdir())}
+
+
+@pytest.mark.parametrize("damage", list(CACHE_DAMAGE))
+def test_a_damaged_contexts_cache_is_rebuilt_with_a_note(tmp_path, tiny_dir, damage, caplog):
+    from knowledger.editors.contexts import cache_key, cache_path, context_prefixes
+    from knowledger.editors.hparams import EditHParams
+    from knowledger.editors.models import load_model
+
+    model, tok = load_model(str(tiny_dir))
+    hp = EditHParams(layers=(1, 2), n_context=2, context_tokens=4)
+    fresh = context_prefixes(model, tok, hp, weights_sha="ab" * 32)
+    path = cache_path(cache_key(tok, hp, "ab" * 32))
+    assert path.is_file() and path.stat().st_mode & 0o777 == 0o644
+    CACHE_DAMAGE[damage](path)
+    with caplog.at_level("WARNING"):
+        again = context_prefixes(model, tok, hp, weights_sha="ab" * 32)
+    assert again == fresh
+    assert any(str(path) in r.getMessage() for r in caplog.records), caplog.text
+
+
+# --- models -------------------------------------------------------------------------------------------
+def _truncated(folder):
+    p = folder / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:1000])
+
+
+def _garbage(folder):
+    (folder / "model.safetensors").write_bytes(os.urandom(4096))
+
+
+def _pickled_only(folder):
+    import torch
+
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+MODELS = {"a truncated safetensors file": (_truncated, "cannot load the model in"),
+          "a garbage safetensors file": (_garbage, "cannot load the model in"),
+          "a folder with a pickled .bin only": (_pickled_only, "has only pickled weights (pytorch_model.bin)")}
+
+
+@pytest.mark.parametrize("probe", list(MODELS))
+def test_init_on_a_broken_model_is_one_line(tmp_path, tiny_dir, probe):
+    """editors.models raises one clear ModelLoadError; the CLI's error funnel prints it (cli/)."""
+    import shutil
+
+    from knowledger.editors.models import ModelLoadError, model_fingerprint
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    spoil, expect = MODELS[probe]
+    spoil(folder)
+    with pytest.raises(ModelLoadError) as e:
+        model_fingerprint(str(folder))
+    assert expect in str(e.value) and "\n" not in str(e.value)
+    r = run("init", "--model", folder, db=tmp_path / "ws")
+    assert r.exit_code != 0
+
+
+# --- what held already, and where its test is ---------------------------------------------------------
+HELD = {
+    "SIGKILL at every fault point of apply, undo, rebase, redo, replay, audit --heal, submit, export":
+        "tests/agent/test_faults.py",
+    "non-finite updates refused before the weights": "tests/editors/test_apply.py, tests/editors/test_solvers.py",
+    "a corrupt, stale or foreign snapshot is rebuilt": "tests/agent/test_live.py",
+    "a corrupt delta blob is refused by its checksum": "tests/agent/test_replay_export.py",
+    "concurrent submits and a second apply refused": "tests/agent/test_concurrency.py",
+}
+
+
+@pytest.mark.parametrize("probe", list(HELD))
+def test_the_probes_that_held_keep_their_tests(probe):
+    root = Path(__file__).parent.parent
+    for path in HELD[probe].split(", "):
+        assert (root / path).is_file(), path
