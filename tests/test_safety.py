@@ -334,9 +334,12 @@ def test_a_symlinked_report_folder_is_refused(damaged_ws, tmp_path):
 
 # --- caches -------------------------------------------------------------------------------------------
 def _flip_a_bit(path):
+    """One letter of a stored prefix changes case: still valid JSON, other text."""
     data = bytearray(path.read_bytes())
-    i = data.index(b"contexts") + 20
-    data[i] ^= 0x01
+    i = data.index(b'. "') if b'. "' in data else data.index(b'."')
+    while not chr(data[i]).isalpha():
+        i -= 1
+    data[i] ^= 0x20
     path.write_bytes(bytes(data))
 
 
