@@ -5,7 +5,7 @@ wrote ("<text>. "), so that the edit holds in context. Generation costs seconds 
 prefixes are cached under $KNOWLEDGER_CACHE/contexts/<sha256 of the key>.json.
 
 The key is the full provenance of the text (STYLE habit 8): format version, model weights sha256,
-tokenizer (class, vocabulary size, sha256 of the vocabulary), n_context, context_tokens,
+tokenizer (class, size, pad id, sha256 of its files or vocabulary), n_context, context_tokens,
 context_seed, the seed words and the sampling settings. The file stores the key and the sha256 of
 the prefixes; on reading, a file that is not valid JSON, not an object, of another key, or whose
 prefixes do not hash to the stored sha256 is not used: the prefixes are generated again and the
@@ -33,11 +33,25 @@ CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When")
 TOP_K = 5  # sampling: top-k with the seed below, so the prefixes are reproducible
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
 def tokenizer_identity(tokenizer) -> dict:
-    """What identifies a tokenizer for the cache: class, size, sha256 of the sorted vocabulary."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    return dict(cls=type(tokenizer).__name__, size=len(tokenizer),
-                vocab_sha256=sha256_bytes(json.dumps(vocab, ensure_ascii=False).encode()))
+    """What identifies a tokenizer for the cache: class, size, pad id and the sha256 of its files
+    (a few ms), or of its sorted vocabulary when it was not loaded from a folder (~0.3 s at 49k)."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+    files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()] if folder.is_dir() else []
+    if files:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.name}\n".encode())
+            h.update(f.read_bytes())
+        digest = h.hexdigest()
+    else:
+        digest = sha256_bytes(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    return dict(cls=type(tokenizer).__name__, size=len(tokenizer), pad_id=pad_id(tokenizer),
+                files_sha256=digest)
 
 
 def cache_key(tokenizer, hp: EditHParams, weights_sha: str) -> dict:

@@ -425,3 +425,44 @@ def test_the_probes_that_held_keep_their_tests(probe):
     root = Path(__file__).parent.parent
     for path in HELD[probe].split(", "):
         assert (root / path).is_file(), path
+
+
+def test_the_gguf_conversion_cache_is_shared_readable_and_never_written_through_a_symlink(tmp_path, monkeypatch):
+    from knowledger.editors import models
+    from knowledger.editors.fileio import UnsafePath
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF not really")
+
+    def fake_convert(src, out):  # the real one takes ~20 s on the default model
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    folder = models._gguf_folder(gguf, "m")
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary left
+    other = tmp_path / "other-cache"
+    elsewhere = tmp_path / "elsewhere"
+    other.mkdir(), elsewhere.mkdir()
+    (other / "models").symlink_to(elsewhere)
+    monkeypatch.setenv("KNOWLEDGER_CACHE", str(other))
+    with pytest.raises(UnsafePath):
+        models._gguf_folder(gguf, "m")
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.xfail(strict=True, reason="h4 (agent/lock.py: open_no_follow, never O_TRUNC); "
+                                       "delete this mark once that is merged")
+def test_a_symlinked_lock_file_does_not_truncate_its_target(damaged_ws, tmp_path):
+    from knowledger.agent.live import lock_path
+
+    ws, _ = damaged_ws  # (undamaged here)
+    lock = lock_path(locate(ws))
+    outside = tmp_path / "important.txt"
+    outside.write_text("keep me")
+    lock.unlink(missing_ok=True)
+    lock.symlink_to(outside)
+    run("ask", "Home of Bob", db=ws)
+    assert outside.read_text() == "keep me"
