@@ -8,7 +8,6 @@ HELD at the bottom (SIGKILL at every fault point: tests/agent/test_faults.py).
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 from pathlib import Path
@@ -118,7 +117,6 @@ def test_a_damaged_ledger_is_refused_before_anything_is_computed_or_written(dama
     snap = snapshot_path(locate(ws))
     before, n_ops = snap.read_bytes(), _count(ws, "operations")
     DAMAGE[damage](ws)
-    os.environ["KNOWLEDGER_CACHE"] = str(tmp_path / "cache")
     err = one_line_error(run(*COMMANDS[command](ws, corpus, tmp_path), db=ws))
     assert "the ledger is damaged at operation seq 1 (apply)" in err, err
     assert snap.read_bytes() == before  # the good snapshot is never overwritten
