@@ -39,6 +39,7 @@ RANGES: dict[str, tuple] = {
     "alphaedit_null_scale": (("energy", "max"),), "alphaedit_l2": ("float", 0, None, True),
     "encore_alpha": ("float", 0, None), "pmet_attn_weight": ("float", 0, None),
 }
+_INF_OK = {"early_stop_loss"}  # a threshold: +inf means "the goal is met at once"
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
@@ -56,7 +57,8 @@ def accepted(name: str) -> str:
     if kind == "int":
         return f"an integer in [{low}, {high}]"
     if high is None:
-        return f"a finite number {'>' if low_open else '≥'} {low}"
+        finite = "" if name in _INF_OK else "finite "
+        return f"a {finite}number {'>' if low_open else '≥'} {low}"
     return f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
@@ -107,7 +109,7 @@ def parse_value(name: str, value: Any) -> Any:
             v = value
         else:
             raise bad()
-        if not math.isfinite(v):
+        if not math.isfinite(v) and not (name in _INF_OK and v == math.inf):
             raise bad()
     if (v < low or (low_open and v == low)) or (high is not None and (v > high or (high_open and v == high))):
         raise bad()
