@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import re
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from knowledger.agent.live import (LiveModel, lock_path, open_live, remove_stale
 from knowledger.agent.lock import try_lock
 from knowledger.agent.jsonutil import iso
 from knowledger.agent.workspace import Workspace
+from knowledger.editors.fileio import atomic_dir
 from knowledger.editors.evaluate import top_tokens
 from knowledger.ledger import repository as repo
 from knowledger.ledger.errors import KnowledgerError
@@ -32,25 +33,26 @@ from knowledger.ledger.errors import KnowledgerError
 def write_hf_folder(model, tokenizer, out: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
     """A Hugging Face folder (safetensors + config + tokenizer + `extra` text files by name),
     written into a temp dir beside `out` and renamed; `out` must not exist or be an empty dir."""
-    out = Path(out).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    out = Path(out).expanduser().absolute()
+    remove_killed_exports(out)
+    with atomic_dir(out) as tmp:  # folders 0755, files 0644; a symlink at `out` is refused
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        tmp.chmod(0o755)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
+
+def remove_killed_exports(out: Path) -> int:
+    """Remove the temporary folders (`.<name>.<8 random chars>`) that a killed write of `out` left
+    beside it (atomic_dir cleans up after an error, but nothing runs after a SIGKILL)."""
+    n = 0
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}")
+    for p in out.parent.glob(f".{out.name}.*") if out.parent.is_dir() else ():
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+    return n
 
 
 def open_for_reading(ws: Workspace, what: str) -> tuple[LiveModel, int, list[str]]:

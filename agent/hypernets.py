@@ -26,11 +26,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from knowledger.agent.workspace import Location, Workspace, iso
+from knowledger.editors.fileio import UnsafePath, atomic_dir, check_inside
 from knowledger.ledger import repository as repo
 from knowledger.ledger.errors import IntegrityError, KnowledgerError, NotFound
 from knowledger.ledger.models import Artifact, BaseModel
@@ -120,20 +120,56 @@ def load_verified(loc: Location, ref: HypernetRef):
 # --- registering ---------------------------------------------------------------------------------
 def read_folder(folder: str | os.PathLike) -> tuple[object, str, dict]:
     """(HyperConfig, sha256, config.json) of a hyper-network folder, after loading its weights
-    (a folder whose files do not load is refused here, not at the first apply)."""
-    from knowledger.editors.malmen import load_hypernet
+    (a folder whose files do not load is refused here, not at the first apply). Refused in one
+    line: files that are symlinks, config.json sizes that the weights' shapes do not match (checked
+    from the safetensors header before anything is allocated), non-finite (NaN, inf) weights."""
+    from knowledger.editors.malmen import HyperConfig, load_hypernet
 
     folder = Path(folder)
     if not folder.is_dir():
         raise KnowledgerError(f"{folder} is not a folder: give the --out folder of `knowledger train-malmen`")
+    for name in FILES:
+        if (folder / name).is_symlink():
+            raise KnowledgerError(f"{folder / name} is a symlink: refusing to register it (copy the file "
+                                  f"itself into the folder)")
+    missing = [name for name in FILES if not (folder / name).is_file()]
+    if missing:
+        raise KnowledgerError(f"{folder} is not a MALMEN hyper-network (no {' and '.join(reversed(FILES))}); "
+                              f"make one with `knowledger train-malmen`")
     try:
-        net, sha = load_hypernet(folder)
         config = json.loads((folder / FILES[0]).read_text(encoding="utf-8"))
+        _check_shapes(folder, HyperConfig.from_dict(config["hyper"]))
+        net, sha = load_hypernet(folder)
     except FileNotFoundError as e:
         raise KnowledgerError(_one_line(e)) from e
+    except KnowledgerError:
+        raise
     except Exception as e:  # noqa: BLE001 (bad JSON, unknown settings, mismatched tensors, ...)
         raise KnowledgerError(f"{folder} is not a usable MALMEN hyper-network: {_one_line(e)}") from e
+    import torch
+
+    bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise KnowledgerError(f"{folder}: the hyper-network's {bad[0]} holds NaN or inf values (a diverged "
+                              f"training run?): refusing it; train again or use an earlier checkpoint")
     return net.config, sha, config
+
+
+def _check_shapes(folder: Path, cfg) -> None:
+    """config.json's sizes against the weights file's header, before the weights are loaded."""
+    import torch
+    from safetensors import safe_open
+
+    from knowledger.editors.malmen import HyperNet
+
+    with torch.device("meta"):  # shapes only: no memory, whatever config.json claims
+        want = {k: tuple(v.shape) for k, v in HyperNet(cfg).state_dict().items()}
+    with safe_open(str(folder / FILES[1]), framework="pt") as f:
+        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for k in sorted(want.keys() | got.keys()):
+        if want.get(k) != got.get(k):
+            raise KnowledgerError(f"{folder}: config.json says {k} has shape {want.get(k)}, "
+                                  f"{FILES[1]} holds {got.get(k)}: the files do not belong together")
 
 
 def _one_line(e: BaseException) -> str:
@@ -195,20 +231,15 @@ def _keep(loc: Location, folder: Path, sha: str) -> tuple[str, bool]:
 
     rel = f"{ARTIFACTS_DIR}/{sha}"
     dest = loc.home / rel
+    check_inside(dest, loc.home)  # a symlinked <home>/artifacts is refused, never written through
     if dest.is_dir() and _hashes_to(dest, sha):
         return rel, False
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}.", dir=dest.parent))
-    try:
+    # a damaged earlier copy is swapped out only once the checked new one is complete
+    with atomic_dir(dest, replace=True) as tmp:  # folder 0755, files 0644
         for name in FILES:
-            shutil.copyfile(folder / name, tmp / name)
+            shutil.copyfile(folder / name, tmp / name, follow_symlinks=False)
         if artefact_sha256(tmp) != sha:
             raise IntegrityError(f"{folder} changed while it was copied: add it again")
-        if dest.exists():  # a damaged earlier copy: the checked new one replaces it
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return rel, True
 
 
@@ -230,7 +261,10 @@ def add(ws: Workspace, folder: str | os.PathLike, *, use: bool = True) -> dict:
         if base is None:
             raise KnowledgerError("the workspace has no base model: run `knowledger init`")
         notes = check_against_base(cfg, config.get("meta") or {}, base)
-    path, copied = _keep(ws.location, folder, sha)  # files first: a copy no row names is harmless
+    try:
+        path, copied = _keep(ws.location, folder, sha)  # files first: a copy no row names is harmless
+    except UnsafePath as e:
+        raise KnowledgerError(f"{e}: refusing to copy the hyper-network there") from e
     with ws.writing() as s:
         row, created = repo.register_artifact(s, kind=KIND, sha256=sha, path=path,
                                               meta=dict(hyper=config.get("hyper"), meta=config.get("meta")))

@@ -23,12 +23,20 @@ after a crash between the ledger commit and the snapshot) the live model is rebu
 weights and the deltas, and the caller is told why. Delta blobs are checked against their sha256
 before use (IntegrityError names the corrupt one); a base model whose weights hash differs from
 the ledger's record is refused.
+
+A damaged ledger is never trusted (issue 15). The snapshot also records, per active operation, a
+digest of the deltas it was built from (`delta_digests`: layer, parameter name, shapes, factor
+bytes); it is used only if the ledger's active deltas have the same digests, which costs one pass
+of sha256 over the factors (already read to check their blob sha256). Otherwise the weights are
+rebuilt from the base and the deltas and must hash to the head's recorded weights hash; when they
+do not (a `layer_deltas` row deleted, two rows' parameter names swapped with their checksums still
+valid), every command that opens the live model refuses in one line naming the first operation
+whose recorded hash its deltas do not reproduce, before computing or writing anything.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,9 +49,11 @@ from knowledger.agent.loaded import LoadedModel, open_model
 from knowledger.agent.lock import LockTarget, fault_point, lock_target
 from knowledger.agent.workspace import Location, Workspace
 from knowledger.editors.apply import cast_checked, compose, restore_params, weight_sha256
+from knowledger.editors.fileio import atomic_write_bytes
 from knowledger.editors.result import LayerDelta
 from knowledger.ledger import repository as repo
 from knowledger.ledger.errors import IntegrityError, KnowledgerError
+from knowledger.ledger.models import OperationKind
 
 SNAPSHOT_FORMAT = "knowledger-live/1"
 _STATE_TAG = b"knowledger-state/1\n"
@@ -86,6 +96,23 @@ class ActiveDelta:
 def delta_from_factors(f: repo.DeltaFactors) -> LayerDelta:
     return LayerDelta(layer=f.layer, param=f.param, left=torch.from_numpy(np.array(f.left)),
                       right=torch.from_numpy(np.array(f.right)))
+
+
+def delta_digests(active: list[ActiveDelta]) -> dict[str, str]:
+    """Per operation seq (as a string): sha256 over its deltas' layer, parameter name, shapes and
+    factor bytes, independent of their order. What the snapshot records it was built from, so a
+    ledger whose rows were deleted, added, renamed or swapped since is noticed when it is opened."""
+    per_op: dict[int, list[str]] = {}
+    for a in active:
+        d = a.delta
+        left, right = d.left.detach().contiguous(), d.right.detach().contiguous()  # (d_out, r), (d_in, r)
+        h = hashlib.sha256(f"{d.layer} {d.param} {str(left.dtype)} {tuple(left.shape)} "
+                           f"{tuple(right.shape)}\n".encode())
+        h.update(left.reshape(-1).view(torch.uint8).numpy())
+        h.update(right.reshape(-1).view(torch.uint8).numpy())
+        per_op.setdefault(a.seq, []).append(h.hexdigest())
+    return {str(seq): hashlib.sha256(" ".join(sorted(hs)).encode()).hexdigest()
+            for seq, hs in sorted(per_op.items())}
 
 
 def factors_from_delta(d: LayerDelta) -> repo.DeltaFactors:
@@ -201,34 +228,18 @@ class LiveModel:
 
     def write_snapshot(self, path: Path, head_seq: int) -> None:
         meta = dict(format=SNAPSHOT_FORMAT, base_sha256=self.base_sha256, head_seq=str(head_seq),
-                    state_sha256=self.state_hash, params=json.dumps(sorted(self.param_shas)))
-        write_snapshot(path, self.touched_tensors(), meta)
+                    state_sha256=self.state_hash, params=json.dumps(sorted(self.param_shas)),
+                    deltas=json.dumps(delta_digests(self.active), sort_keys=True))
+        write_snapshot(path, self.touched_tensors(), meta, root=path.parent)
 
 
 # --- the snapshot file ----------------------------------------------------------------------------
-def write_snapshot(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write atomically: a temporary file beside `path`, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_snapshot(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                   root: Path | None = None) -> None:
+    """Write atomically (editors.fileio: temp file beside `path`, fsync, 0644, rename, fsync the
+    directory), never through a symlink, and with `root` never outside it."""
     data = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
-            f.flush()
-            fault_point("mid-snapshot-write")
-            f.write(data[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_bytes(path, data, root=root, halfway=lambda: fault_point("mid-snapshot-write"))
 
 
 def remove_stale_temporaries(path: Path) -> int:
@@ -240,9 +251,12 @@ def remove_stale_temporaries(path: Path) -> int:
     return n
 
 
-def read_snapshot(path: Path, *, base_sha256: str, expected_state: str,
-                  params: set[str]) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """(tensors, "") for a snapshot that matches the ledger, else (None, why it was not used)."""
+def read_snapshot(path: Path, *, base_sha256: str, expected_state: str, params: set[str],
+                  digests: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """(tensors, "") for a snapshot that matches the ledger, else (None, why it was not used).
+
+    With `digests` (delta_digests of the ledger's active deltas) the snapshot must also have been
+    built from exactly those deltas."""
     if not path.is_file():
         return None, f"{path.name} is missing"
     try:
@@ -262,6 +276,18 @@ def read_snapshot(path: Path, *, base_sha256: str, expected_state: str,
     if meta.get("state_sha256") != expected_state or set(tensors) != params:
         return None, (f"{path.name} is stale (state {str(meta.get('state_sha256'))[:12]}… at seq "
                       f"{meta.get('head_seq')}, the ledger head is {expected_state[:12]}…)")
+    if digests is not None:
+        try:
+            built_from = json.loads(meta.get("deltas") or "null")
+        except ValueError:
+            built_from = None
+        if not isinstance(built_from, dict):
+            return None, f"{path.name} does not record the deltas it was built from"
+        differ = sorted((set(built_from) ^ set(digests)) | {k for k in digests if built_from.get(k) != digests[k]},
+                        key=int)
+        if differ:
+            return None, (f"{path.name} was built from other deltas than the ledger holds for operation "
+                          f"seq {differ[0]}")
     return tensors, ""
 
 
@@ -312,18 +338,50 @@ def open_live(ws: Workspace, *, refresh: bool, notes: list[str] | None = None) -
     live = LiveModel(load_base(name, base_sha), base_id, base_sha)
     path = snapshot_path(ws.location)
     params = {a.delta.param for a in active}
-    tensors, why = read_snapshot(path, base_sha256=base_sha, expected_state=want, params=params)
+    tensors, why = read_snapshot(path, base_sha256=base_sha, expected_state=want, params=params,
+                                 digests=delta_digests(active))
     if tensors is not None:
         live.load_snapshot_tensors(tensors, active)
         return live, head_seq
-    got = live.set_active(active)
+    try:
+        got = live.set_active(active)
+    except _REBUILD_ERRORS as e:  # e.g. a row renamed to a parameter of another shape
+        got = f"(none: {' '.join(str(e).split())[:120]})"
     if got != want:
-        raise IntegrityError(f"rebuilding the live model from the ledger gives weights {got[:12]}…, "
-                             f"but the head (seq {head_seq}) recorded {want[:12]}…: "
-                             f"run `knowledger replay` to find the operation")
+        raise IntegrityError(damage_report(ws, live, head_seq, want, got))
     if active or path.exists():  # a fresh workspace has no snapshot yet: nothing to say
         notes.append(f"live snapshot not used: {why}; rebuilt from the base model and "
                      f"{len({a.operation_id for a in active})} active operation(s)")
     if refresh:
         live.write_snapshot(path, head_seq)
     return live, head_seq
+
+
+_REBUILD_ERRORS = (RuntimeError, ValueError, AttributeError, KeyError, IndexError)
+
+
+def damage_report(ws: Workspace, live: LiveModel, head_seq: int, want: str, got: str) -> str:
+    """One line naming the first operation whose recorded weights hash the ledger's deltas do not
+    reproduce (the way `replay` checks), for a ledger that does not rebuild to its head."""
+    first = None
+    with ws.reading() as s:
+        active: list[ActiveDelta] = []
+        for op in repo.lineage(s, live.base_model_id):
+            if op.kind in repo.DELTA_KINDS:
+                active += [ActiveDelta(op.seq, op.id, delta_from_factors(repo.load_delta(row)))
+                           for row in repo.operation_deltas(s, op.id)]
+            elif op.kind == OperationKind.undo:
+                active = [a for a in active if a.operation_id != op.target_operation_id]
+            if op.weights_sha256_after is None:
+                continue
+            try:
+                ok = live.hash_of(active) == op.weights_sha256_after
+            except _REBUILD_ERRORS:
+                ok = False
+            if not ok:
+                first = (op.seq, op.kind.value)
+                break
+    where = (f"operation seq {first[0]} ({first[1]})" if first else f"the head (seq {head_seq})")
+    return (f"the ledger is damaged at {where}: its stored deltas do not rebuild the weights it "
+            f"recorded (head seq {head_seq}: {want[:12]}…, rebuilt: {got[:12]}…); refusing to use or "
+            f"extend them, nothing was written (`knowledger replay` lists every mismatch)")

@@ -16,11 +16,11 @@ import base64
 import html
 import io
 import os
-import tempfile
 from pathlib import Path
 
 from knowledger.agent.audit import runs_view
 from knowledger.agent.workspace import Workspace, iso
+from knowledger.editors.fileio import atomic_write_text, check_inside
 from knowledger.ledger import repository as repo
 from knowledger.ledger.models import OperationStatus, utcnow
 
@@ -186,15 +186,8 @@ def write_report(ws: Workspace, out: str | os.PathLike | None = None) -> dict:
     runs, ops = runs_view(ws), _operations(ws)
     charts = _charts(runs, ops)
     page = _page(ws, runs, ops, charts)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".index.html.", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / "index.html")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if not out:
+        check_inside(folder, ws.location.home)  # no symlink in the workspace redirects it
+    atomic_write_text(folder / "index.html", page)  # 0644, never through a symlink
     return dict(path=str(folder / "index.html"), audits=len(runs), operations=len(ops), charts=list(charts))
 

@@ -28,7 +28,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["UnsafePath", "atomic_write_bytes", "atomic_write_text", "atomic_dir", "open_no_follow",
@@ -87,8 +87,12 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o644, fsync: bool = True,
-                       root: str | os.PathLike | None = None) -> Path:
-    """Write `data` to `path` atomically (see the module docstring); returns the path."""
+                       root: str | os.PathLike | None = None,
+                       halfway: Callable[[], None] | None = None) -> Path:
+    """Write `data` to `path` atomically (see the module docstring); returns the path.
+
+    `halfway` is called once half of `data` is in the temporary file (fault-injection tests kill
+    the process there)."""
     path = check_not_symlink(path)
     if root is not None:
         check_inside(path, root)
@@ -96,7 +100,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, mode: int = 0o64
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if halfway is not None:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                halfway()
+                f.write(data[len(data) // 2:])
+            else:
+                f.write(data)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())

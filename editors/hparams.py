@@ -1,12 +1,17 @@
 """Typed hyperparameters for the locate-then-edit editors, with per-family presets.
 
 Every knob lives here, validated in __post_init__ and loaded from presets/<name>.json. Values are
-stored as JSON in the ledger with each operation, so an edit can always be reproduced.
+parsed by the field's type and checked against its range (RANGES, parse_value): a `--set` text, a
+JSON value or a value read back from the ledger that does not fit is an HParamError (a ValueError)
+naming the field and what it accepts; floats must be finite. Values are stored as JSON in the
+ledger with each operation, so an edit can always be reproduced.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -15,6 +20,115 @@ from typing import Any, Literal
 # Knobs that were stored with past operations but never read by any editor: a recorded value equal
 # to the old default is accepted (and dropped) so old ledgers replay; any other value is an error.
 _RETIRED: dict[str, Any] = {"pmet_attn_weight": 1.0}  # the PMET paper weighs both parts alike
+
+
+class HParamError(ValueError):
+    """A hyperparameter of the wrong type or out of its range: one line naming the field and what
+    it accepts (`--set v_steps=abc`, `v_lr=Infinity`, a negative `emmet_ridge`, ...)."""
+
+
+_INT_MAX = 2**31 - 1
+# field -> (kind, low, high, low_open, high_open); kind: "int", "float" (always finite), "bool",
+# or a tuple of the accepted strings. Fields not listed (layers) are checked by parse_value itself.
+RANGES: dict[str, tuple] = {
+    "distribution": (("uniform", "last", "sqrt"),),
+    "v_lr": ("float", 0, None, True), "v_steps": ("int", 1, _INT_MAX),
+    "v_weight_decay": ("float", 0, None), "v_clamp_norm_factor": ("float", 0, None, True),
+    "kl_factor": ("float", 0, None), "early_stop": ("bool",),
+    "early_stop_patience": ("int", 1, _INT_MAX), "early_stop_loss": ("float", 0, None),
+    "n_context": ("int", 0, 1000), "context_tokens": ("int", 1, 10_000),
+    "context_seed": ("int", 0, 2**63 - 1), "autocast_bf16": ("bool",), "v_batch": ("int", 1, _INT_MAX),
+    "mom2_weight": ("float", 0, None, True), "emmet_ridge": ("float", 0, None),
+    "stats_tokens": ("int", 1, 10**12), "stats_dtype": (("float32", "float64"),),
+    "alphaedit_null_threshold": ("float", 0, 1, True, True),
+    "alphaedit_null_scale": (("energy", "max"),), "alphaedit_l2": ("float", 0, None, True),
+    "encore_alpha": ("float", 0, None),
+}
+_INF_OK = {"early_stop_loss"}  # a threshold: +inf means "the goal is met at once"
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def accepted(name: str) -> str:
+    """What a field accepts, in words: "a finite number > 0", "an integer in [1, 2147483647]"."""
+    if name == "layers":
+        return "a non-empty ascending list of distinct layer indices ≥ 0, e.g. [3,4,5]"
+    kind, *bounds = RANGES[name]
+    if isinstance(kind, tuple):
+        return "one of " + ", ".join(kind)
+    if kind == "bool":
+        return "true or false"
+    low, high, low_open, high_open = (bounds + [None, None, False, False][len(bounds):])
+    if kind == "int":
+        return f"an integer in [{low}, {high}]"
+    if high is None:
+        finite = "" if name in _INF_OK else "finite "
+        return f"a {finite}number {'>' if low_open else '≥'} {low}"
+    return f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def parse_value(name: str, value: Any) -> Any:
+    """`value` (a JSON value, or the text of `--set name=text`) as the field's type, checked
+    against its range; HParamError otherwise."""
+    def bad():
+        return HParamError(f"hparams.{name} must be {accepted(name)}, got {value!r}")
+
+    if name == "layers":
+        items = value
+        if isinstance(value, str):
+            text = value.strip().removeprefix("[").removesuffix("]")
+            items = [t.strip() for t in text.split(",") if t.strip()]
+        if not isinstance(items, (list, tuple)) or not items:
+            raise bad()
+        out = tuple(_as_int(x, bad) for x in items)
+        if list(out) != sorted(set(out)):
+            raise HParamError(f"hparams.layers must be ascending and unique: {out}")
+        if min(out) < 0:
+            raise HParamError(f"hparams.layers must be non-negative: {out}")
+        return out
+    if name not in RANGES:
+        return value
+    kind, *bounds = RANGES[name]
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise HParamError(f"unknown {name} {value!r} (accepted: {', '.join(kind)})")
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad()
+    low, high, low_open, high_open = (bounds + [None, None, False, False][len(bounds):])
+    if kind == "int":
+        v = _as_int(value, bad)
+    else:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, str):
+            try:
+                v = float(value)
+            except ValueError:
+                raise bad() from None
+        elif isinstance(value, (int, float)):
+            v = value
+        else:
+            raise bad()
+        if not math.isfinite(v) and not (name in _INF_OK and v == math.inf):
+            raise bad()
+    if (v < low or (low_open and v == low)) or (high is not None and (v > high or (high_open and v == high))):
+        raise bad()
+    return v
+
+
+def _as_int(value: Any, bad) -> int:
+    if isinstance(value, bool):
+        raise bad()
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        return int(value)
+    raise bad()
 
 
 @dataclass(frozen=True)
@@ -51,28 +165,8 @@ class EditHParams:
     encore_alpha: float = 0.1  # ENCORE's Frobenius-norm weight α, relative to mean diag(λC)
 
     def __post_init__(self):
-        layers = tuple(int(x) for x in self.layers)
-        if not layers:
-            raise ValueError("hparams.layers is empty")
-        if list(layers) != sorted(set(layers)):
-            raise ValueError(f"hparams.layers must be ascending and unique: {layers}")
-        if min(layers) < 0:
-            raise ValueError(f"hparams.layers must be non-negative: {layers}")
-        object.__setattr__(self, "layers", layers)
-        for name in ("v_lr", "v_clamp_norm_factor", "mom2_weight", "alphaedit_l2"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"hparams.{name} must be > 0")
-        for name in ("v_steps", "n_context", "stats_tokens", "early_stop_patience", "v_batch"):
-            if getattr(self, name) < (0 if name == "n_context" else 1):
-                raise ValueError(f"hparams.{name} is out of range: {getattr(self, name)}")
-        if not 0 < self.alphaedit_null_threshold < 1:
-            raise ValueError("hparams.alphaedit_null_threshold must be in (0, 1)")
-        if self.alphaedit_null_scale not in ("energy", "max"):
-            raise ValueError(f"unknown alphaedit_null_scale {self.alphaedit_null_scale!r} (energy, max)")
-        if self.encore_alpha < 0:
-            raise ValueError("hparams.encore_alpha must be ≥ 0")
-        if self.distribution not in ("uniform", "last", "sqrt"):
-            raise ValueError(f"unknown distribution {self.distribution!r} (uniform, last, sqrt)")
+        for f in dataclasses.fields(self):  # parse by the field's type, check its range
+            object.__setattr__(self, f.name, parse_value(f.name, getattr(self, f.name)))
 
     @property
     def v_layer(self) -> int:
@@ -97,7 +191,7 @@ class EditHParams:
         d = {k: v for k, v in d.items() if not (k in _RETIRED and v == _RETIRED[k])}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
+            raise HParamError(f"unknown hyperparameter(s): {', '.join(sorted(unknown))}")
         return cls(**d)
 
 

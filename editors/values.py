@@ -17,14 +17,13 @@ Speed (see ../shared/REFERENCE.md, "where its time goes"):
 """
 from __future__ import annotations
 
-import json
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .contexts import CONTEXT_SEEDS, context_prefixes  # noqa: F401 (moved; editor imports them here)
 from .forward import PrefixCache, model_device, run_from, unembed
 from .hparams import EditHParams
 from .model_spec import ModelSpec
@@ -34,51 +33,6 @@ from .requests import EditRequest
 from .tokens import encode_with_subject, pad_id, pad_right, target_ids
 
 KL_TEMPLATE = "{} is a"
-CONTEXT_SEEDS = ("The", "Therefore", "Because", "I", "You", "It", "In", "When")
-
-
-def context_prefixes(model, tokenizer, hp: EditHParams, *, weights_sha: str | None = None) -> list[str]:
-    """"" plus `n_context` short model-generated prefixes ("<text>. "), reproducible by seed.
-
-    With `weights_sha`, the prefixes are cached on disk under $KNOWLEDGER_CACHE/contexts, keyed by
-    (weights, n_context, context_tokens, seed): generation costs seconds on a CPU.
-    """
-    if hp.n_context == 0:
-        return [""]
-    path = None
-    if weights_sha:
-        from .models import cache_root
-
-        key = f"{weights_sha[:16]}-{hp.n_context}-{hp.context_tokens}-{hp.context_seed}"
-        path = cache_root() / "contexts" / f"{key}.json"
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
-    contexts = _generate_prefixes(model, tokenizer, hp)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(contexts), encoding="utf-8")
-        os.replace(tmp, path)
-    return contexts
-
-
-def _generate_prefixes(model, tokenizer, hp: EditHParams) -> list[str]:
-    seeds = [CONTEXT_SEEDS[i % len(CONTEXT_SEEDS)] for i in range(hp.n_context)]
-    saved_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right end
-    try:
-        enc = tokenizer(seeds, return_tensors="pt", padding=True)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(hp.context_seed)
-            out = model.generate(**enc, do_sample=True, top_k=5, max_new_tokens=hp.context_tokens,
-                                 pad_token_id=pad_id(tokenizer))
-    finally:
-        tokenizer.padding_side = saved_side
-    texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-    clean = [" ".join(t.replace("{", " ").replace("}", " ").split()) for t in texts]
-    return [""] + [t + ". " for t in clean]
-
-
 @dataclass
 class ValueTargets:
     delta: torch.Tensor  # (n, d): the change of layer L's output at the last subject token

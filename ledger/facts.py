@@ -25,6 +25,7 @@ MAX_PROMPT = 1000  # characters: prompts, paraphrases, neighbours (zsRE answers 
 MAX_TEXT = 200  # characters, subject, targets, source
 MAX_ITEMS = 100  # paraphrases or neighbours per fact
 SUFFIXES = (".jsonl", ".csv", ".json")
+TOO_DEEP = "JSON nested too deeply (a fact is at most a few levels deep)"
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def fingerprint(prompt: str, subject: str, target_new: str) -> str:
 
 
 # --- validation -----------------------------------------------------------------------------------
-def validate_fact(prompt: Any, subject: Any, target_new: Any, target_true: Any = None,
+def validate_fact(prompt: Any = None, subject: Any = None, target_new: Any = None, target_true: Any = None,
                   paraphrases: Iterable[Any] = (), neighborhood: Iterable[Any] = (),
                   source: Any = None, case_id: Any = None) -> Fact:
     """A Fact from raw input, or ValueError naming the first problem in one line.
@@ -188,14 +189,18 @@ def read_facts(path: str | Path) -> list[ParsedRow]:
     (a one-line reason, e.g. "target_new is empty") is set. Rows are never dropped silently;
     blank lines of .jsonl/.csv are not rows. Each row's object may be in any layout of
     knowledger.ledger.layouts (ours, CounterFact EasyEdit or ROME, zsRE MEND; .csv: ours only).
-    Problems with the file as a whole (unreadable, unsupported suffix, invalid UTF-8 in .csv/.json,
-    malformed .json, a bad .csv header) raise InvalidFacts with one "name:line: reason" line.
+    Problems with the file as a whole (unreadable, a directory, unsupported suffix, invalid UTF-8 in
+    .csv/.json, malformed or too deeply nested .json, a bad .csv header, malformed CSV such as an
+    unterminated quote, after which no later row could be trusted) raise InvalidFacts with one
+    "name:line: reason" line.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise InvalidFacts([f"{path.name}: unsupported file type {path.suffix or '(none)'!r} "
                             f"(use {', '.join(SUFFIXES)})"])
+    if path.is_dir():
+        raise InvalidFacts([f"{path.name}: is a directory, not a fact file"])
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -250,6 +255,9 @@ def _read_jsonl(data: bytes, name: str) -> Iterator[ParsedRow]:
         except json.JSONDecodeError as e:
             yield ParsedRow(i, error=f"malformed JSON: {e.msg} (column {e.colno})")
             continue
+        except RecursionError:
+            yield ParsedRow(i, error=TOO_DEEP)
+            continue
         yield _object_row(i, obj)
 
 
@@ -259,6 +267,8 @@ def _read_json(data: bytes, name: str) -> Iterator[ParsedRow]:
         items = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidFacts([f"{name}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})"]) from e
+    except RecursionError:
+        raise InvalidFacts([f"{name}:1: {TOO_DEEP}"]) from None
     if not isinstance(items, list):
         raise InvalidFacts([f"{name}:1: expected a JSON list of facts, got {type(items).__name__}"])
     for line, obj in zip(_item_lines(text), items):
@@ -283,7 +293,7 @@ _CSV_LISTS = ("paraphrases", "neighborhood")
 
 
 def _read_csv(data: bytes, name: str) -> Iterator[ParsedRow]:
-    reader = csv.reader(io.StringIO(_decode(data, name), newline=""))
+    reader = csv.reader(io.StringIO(_decode(data, name), newline=""), strict=True)
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
@@ -305,13 +315,14 @@ def _read_csv(data: bytes, name: str) -> Iterator[ParsedRow]:
             cells = next(reader)
         except StopIteration:
             return
-        except csv.Error as e:
-            yield ParsedRow(start, error=f"malformed CSV: {e}")
-            return  # the csv module cannot resynchronise after this
+        except csv.Error as e:  # e.g. an unterminated quote: the csv module cannot resynchronise,
+            # so the rows after it would be lost silently: the whole file is refused, even with
+            # --skip-invalid
+            raise InvalidFacts([f"{name}:{start}: malformed CSV: {e} (an unterminated or stray quote?)"]) from e
         end = reader.line_num
         if not cells or all(not c.strip() for c in cells):
             continue
-        if len(cells) > len(header):
+        if len(cells) != len(header):
             yield ParsedRow(start, error=f"row has {len(cells)} cells, the header {len(header)}")
             continue
         try:
