@@ -41,3 +41,20 @@ def provenance() -> dict:
                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                 cpu=cpu_model(), cpu_count=os.cpu_count(), load_avg=load, platform=platform.platform(),
                 gpu=torch.cuda.get_device_name(0) if cuda else None)
+
+
+def configure_threads() -> str | None:
+    """knowledger's thread rule, applied once at process start (knowledger.agent's import).
+
+    OpenMP threads that wait actively spin on their core between parallel regions; when another
+    process holds one of the cores, every region then waits for a descheduled thread, and the
+    time multiplies (measured here: a tiny-model sampling loop 0.68 s with one thread, 23.5 s with
+    two on a busy machine, 0.86 s with two and OMP_WAIT_POLICY=PASSIVE; the default model's v*
+    in docs/benchmarks.md, "Threads under load"). So: passive waiting, unless the user chose a
+    policy. It must be in the environment before the OpenMP runtime starts (torch's import);
+    returns the policy set, or None when torch was already loaded or the user had set one.
+    """
+    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
+        return None
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return "PASSIVE"
