@@ -18,6 +18,7 @@ import logging
 import time
 from pathlib import Path
 
+import knowledger.agent  # noqa: F401  (the thread rule, before torch loads)
 import torch
 
 log = logging.getLogger("stats_tokens")

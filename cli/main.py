@@ -16,6 +16,9 @@ def cli():
 
     Example: knowledger init && knowledger submit --prompt "{} is located in" --subject "The Eiffel Tower" --target Rome
     """
+    from knowledger.agent.provenance import show_phase_lines
+
+    show_phase_lines()  # plain progress lines for the one-time statistics, terminal or not
 
 
 def _register():

@@ -24,3 +24,14 @@ def test_provenance_is_json_with_what_tells_runs_apart():
     for key in ("torch", "transformers", "torch_threads", "cpu", "cpu_count", "load_avg", "omp_wait_policy"):
         assert key in p
     assert p["torch_threads"] >= 1 and len(p["load_avg"]) == 3
+
+
+def test_phase_lines_reach_stderr_once(capsys):
+    import logging
+
+    from knowledger.agent.provenance import show_phase_lines
+
+    show_phase_lines()
+    show_phase_lines()  # idempotent: one line per record, not two
+    logging.getLogger("knowledger.editors.stats").info("statistics: 10 tokens ... done in 1.0 s")
+    assert capsys.readouterr().err.count("statistics: 10 tokens ... done in 1.0 s") == 1
