@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -133,9 +134,19 @@ def main() -> None:
     saved = snapshot_params(model, names)
     base = aggregate(fact_metrics(model, tok, reqs))
     rows = [dict(source="none", tokens=0, editor="none", **base)]
-    for ed in a.editors:
-        for src, by_count in moments.items():
-            for count, C in sorted(by_count.items()):
+    from knowledger.editors.fileio import atomic_write_text
+    command = "python bench/stats_tokens.py " + " ".join(sys.argv[1:])
+
+    def write():  # after every row: a run stopped early still leaves its points
+        out = dict(command=command, facts=dict(file=a.data, n=len(reqs), offset=a.offset), layers=layers,
+                   sample_s=round(sample_s, 1), total_s=round(time.perf_counter() - t_start, 1),
+                   rows=rows, provenance=provenance())
+        atomic_write_text(a.out, json.dumps(out, indent=1) + "\n")
+
+    write()
+    for src, by_count in moments.items():
+        for count, C in sorted(by_count.items()):
+            for ed in a.editors:
                 t = time.perf_counter()
                 editor = E.Editor(model, tok, hp, method=ed, second_moments=C, weights_sha=sha)
                 try:
@@ -149,14 +160,7 @@ def main() -> None:
                 rows.append(dict(source=src, tokens=count, editor=ed, seconds=round(time.perf_counter() - t, 1),
                                  load_avg=provenance()["load_avg"], **m))
                 log.info("%s", rows[-1])
-    from knowledger.editors.fileio import atomic_write_text
-    out = dict(command="python bench/stats_tokens.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for k, v in vars(a).items()), facts=dict(file=a.data, n=len(reqs), offset=a.offset),
-        layers=layers, sample_s=round(sample_s, 1), total_s=round(time.perf_counter() - t_start, 1),
-        rows=rows, provenance=provenance())
-    atomic_write_text(a.out, json.dumps(out, indent=1) + "\n")
-    print(json.dumps(out)[:2000])
+                write()
 
 
 if __name__ == "__main__":

@@ -40,14 +40,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="/work/shared/data/counterfact/counterfact-train.json")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--settings", nargs="+", default=["2:default", "1:default", "2:PASSIVE"],
+                    help="THREADS:POLICY pairs, each run in a fresh process")
+    ap.add_argument("--busy", nargs="+", default=["no", "yes"], help="without / with the busy process")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     from knowledger.agent.provenance import provenance
     from knowledger.editors.fileio import atomic_write_text
 
-    settings = [("2", None), ("1", None), ("2", "PASSIVE")]
+    settings = [(t, None if p == "default" else p) for t, p in (x.split(":") for x in a.settings)]
     rows = []
-    for busy in (False, True):
+    for busy in (b == "yes" for b in a.busy):
         hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
         try:
             for threads, wait in settings:
@@ -68,7 +71,7 @@ def main() -> None:
             if hog:
                 hog.kill()
                 hog.wait()
-    out = dict(command="python bench/threads.py " + f"--steps {a.steps} --out {a.out}",
+    out = dict(command="python bench/threads.py " + " ".join(sys.argv[1:]),
                workload=f"v* for 2 counterfact-train facts (offset 4000), {a.steps} steps, no early stop",
                rows=rows, provenance=provenance())
     atomic_write_text(a.out, json.dumps(out, indent=1) + "\n")
