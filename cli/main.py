@@ -55,6 +55,10 @@ def cli(ctx, quiet, verbose):
     """
     ctx.obj = Output(quiet=quiet, verbose=verbose)
     silence_third_party(verbose)
+    if not quiet:
+        from knowledger.agent.provenance import show_phase_lines
+
+        show_phase_lines()  # plain lines for the one-time statistics phases, terminal or not
 
 
 def _register():

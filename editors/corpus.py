@@ -13,8 +13,11 @@ Formats
 
 With no corpus at hand, `Corpus.sampled` lets the model write one: sampling at temperature 1 from a
 few short neutral prompts with a fixed seed, batched with left padding and the full attention mask
-(a one-column mask silently produced garbage in the reference implementation). The text is cached
-once under `$KNOWLEDGER_CACHE/corpora/<weights sha256 prefix>-<n_tokens>-<seed>.txt`.
+(a one-column mask silently produced garbage in the reference implementation), with a KV cache and
+the LM head on the last position only. The text is cached once under
+`$KNOWLEDGER_CACHE/corpora/<weights sha256 prefix>-<n_tokens>-<seed>.txt`, its key and the sha256 of
+its text in its first line (checked on every use). Progress goes to a `Progress` callback
+("sample", tokens done, tokens wanted) and to INFO log lines at the start and the end.
 """
 from __future__ import annotations
 
@@ -22,15 +25,16 @@ import json
 import logging
 import os
 import re
-import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from .fileio import atomic_write_text, sha256_bytes
 from .models import cache_root, file_sha256, weights_sha256
+from .progress import Progress, report
 
 log = logging.getLogger(__name__)
 
@@ -119,30 +123,89 @@ class Corpus:
     # --- a corpus the model writes ---------------------------------------------------------------
     @classmethod
     def sampled(cls, model, tokenizer, n_tokens: int, seed: int = 0, *, weights_sha: str | None = None,
-                cache_dir: str | os.PathLike | None = None, batch_size: int = 128,
-                max_new_tokens: int = 128, progress: bool = True) -> "Corpus":
-        """Text sampled from the model itself (≈ n_tokens tokens, a 10% margin), made once and cached.
+                cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
+                max_new_tokens: int = 64, progress: Progress | bool | None = None,
+                autocast_bf16: bool | None = None) -> "Corpus":
+        """Text sampled from the model itself (n_tokens tokens, counted as the model's), made once
+        and cached.
 
-        Slow on CPU (token-by-token generation, full-vocabulary logits each step): about 160
-        tokens/s for the default model here, so 100k tokens take ~10 minutes, once. A real corpus
-        file (WikiText) is the better choice.
+        Batched generation with a KV cache, the LM head on the last position only, end-of-text
+        suppressed so that every row stays useful to the end (documents are `max_new_tokens` long:
+        short contexts, like the edit prompts'); under bf16 autocast where the hardware has bf16
+        matrix units (`has_bf16_units`; `autocast_bf16` overrides). About 1,500–3,000 tokens/s for
+        the default model on 2 CPU cores.
+
+        The file starts with a heading line holding its key (weights, n_tokens, seed, sampler
+        settings) and the sha256 of the text below it; `documents()` drops that line. A file whose
+        key or text does not match is sampled again, with a logged note.
         """
+        progress = None if isinstance(progress, bool) else progress  # older callers pass a bool
         sha = weights_sha or weights_sha256(model)
+        bf16 = has_bf16_units(next(model.parameters()).device) if autocast_bf16 is None else autocast_bf16
+        key = dict(kind=_SAMPLED_KIND, version=_SAMPLED_VERSION, weights_sha256=sha, n_tokens=int(n_tokens),
+                   seed=int(seed), batch_size=int(batch_size), max_new_tokens=int(max_new_tokens),
+                   forward="bfloat16-autocast" if bf16 else "model-dtype")
         folder = Path(cache_dir) if cache_dir is not None else cache_root() / "corpora"
         path = folder / f"{sha[:16]}-{n_tokens}-{seed}.txt"
-        if not path.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            docs = _sample_documents(model, tokenizer, int(n_tokens * 1.1) + 1, seed, batch_size,
-                                     max_new_tokens, progress)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write("\n\n".join(docs) + "\n")
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+        if not _sampled_cache_ok(path, key):
+            start = time.perf_counter()
+            log.info("sampling %s tokens of statistics text from the model ...", f"{n_tokens:,}")
+            docs = _sample_documents(model, tokenizer, int(n_tokens * _MARGIN) + 1, seed, batch_size,
+                                     max_new_tokens, progress, bf16)
+            body = "\n\n".join(docs) + "\n"
+            header = _SAMPLED_HEADER + json.dumps(dict(key=key, text_sha256=sha256_bytes(body.encode())),
+                                                  sort_keys=True, separators=(",", ":"))
+            atomic_write_text(path, header + "\n\n" + body)
+            seconds = time.perf_counter() - start
+            log.info("sampling %s tokens ... done in %.1f s (%.0f tokens/s)", f"{n_tokens:,}", seconds,
+                     n_tokens / max(seconds, 1e-9))
         return cls.from_path(path)
+
+
+_SAMPLED_KIND = "knowledger.sampled_corpus"
+_SAMPLED_VERSION = 2  # 2: KV-cache sampler, end-of-text suppressed, key in the file
+_SAMPLED_HEADER = "# knowledger sampled corpus "
+_MARGIN = 1.05  # re-tokenising sampled text gives a few tokens fewer than were sampled
+
+
+def _sampled_cache_ok(path: Path, key: dict) -> bool:
+    """True when `path` holds a sampled corpus with exactly `key` and an intact text."""
+    if not path.is_file():
+        return False
+    try:
+        data = path.read_bytes()
+        head, _, body = data.partition(b"\n\n")
+        text = head.decode("utf-8")
+        if not text.startswith(_SAMPLED_HEADER):
+            raise ValueError("no key line")
+        meta = json.loads(text[len(_SAMPLED_HEADER):])
+    except (OSError, ValueError) as e:
+        log.warning("sampled corpus %s is unreadable (%s): sampling it again", path, e)
+        return False
+    if meta.get("key") != key:
+        log.warning("sampled corpus %s was made with other settings: sampling it again", path)
+        return False
+    if meta.get("text_sha256") != sha256_bytes(body):
+        log.warning("sampled corpus %s is corrupt (its text does not match its sha256): sampling "
+                    "it again", path)
+        return False
+    return True
+
+
+def has_bf16_units(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matrix products are fast here: a CUDA GPU with bf16, or a CPU with AMX or
+    AVX512-BF16 (on a CPU without them bf16 autocast is no faster than float32, REFERENCE.md)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
 
 
 def _clean(line: str) -> str:
@@ -161,41 +224,61 @@ def _bos_prefix(tokenizer) -> list[int]:
 
 
 def _sample_documents(model, tokenizer, n_tokens: int, seed: int, batch_size: int,
-                      max_new_tokens: int, progress: bool) -> list[str]:
-    from transformers import GenerationConfig
-
+                      max_new_tokens: int, progress: Progress | None, bf16: bool) -> list[str]:
+    """Documents of one seed prompt plus up to max_new_tokens sampled tokens, n_tokens in all."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                              max_new_tokens=max_new_tokens, pad_token_id=pad,
-                              eos_token_id=tokenizer.eos_token_id)
+    banned = sorted({t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None})
+    limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     bos = _bos_prefix(tokenizer)
     docs: list[str] = []
     total, step = 0, 0
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), torch.inference_mode(), \
-            tqdm(total=n_tokens, unit="tok", desc="sampling a corpus", disable=not progress) as bar:
-        torch.manual_seed(seed)
+    report(progress, "sample", 0, n_tokens)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        gen = torch.Generator(device=device).manual_seed(seed)
         while total < n_tokens:
-            prompts = [_SEED_PROMPTS[(step + j) % len(_SEED_PROMPTS)] for j in range(batch_size)]
-            step += batch_size
+            rows = min(batch_size, -(-(n_tokens - total) // max(1, max_new_tokens)))
+            prompts = [_SEED_PROMPTS[(step + j) % len(_SEED_PROMPTS)] for j in range(rows)]
+            step += rows
             encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
             width = max(map(len, encoded))
-            ids = torch.full((batch_size, width), pad, dtype=torch.long)  # (b, t), left padded
-            mask = torch.zeros((batch_size, width), dtype=torch.long)  # (b, t), the full mask
-            for row, e in enumerate(encoded):
-                ids[row, width - len(e):] = torch.tensor(e)
-                mask[row, width - len(e):] = 1
-            limit = getattr(model.config, "max_position_embeddings", None) or width + max_new_tokens
-            needed = -(-(n_tokens - total) // batch_size)  # per sequence, rounded up
-            config.max_new_tokens = max(1, min(max_new_tokens, limit - width, max(needed, 8)))
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 generation_config=config)
-            for prompt, seq, row in zip(prompts, encoded, out[:, width:].tolist()):
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id)]
+            new = max(1, min(max_new_tokens, limit - width))
+            out = _generate(model, encoded, width, new, pad, banned, gen, device)  # (rows, new)
+            for prompt, seq, row in zip(prompts, encoded, out.tolist()):
+                room = n_tokens - total - len(seq)
+                row = row[: max(0, room)]
                 docs.append((prompt + tokenizer.decode(row, skip_special_tokens=True)).strip())
-                n = len(seq) + len(row)  # counted as generated: always progresses
-                total += n
-                bar.update(n)
+                total += len(seq) + len(row)  # prompt tokens count too: always progresses
+                if total >= n_tokens:
+                    break
+            report(progress, "sample", min(total, n_tokens), n_tokens)
     return docs
+
+
+def _generate(model, encoded: list[list[int]], width: int, new: int, pad: int, banned: list[int],
+              gen: torch.Generator, device) -> torch.Tensor:
+    """Sample `new` tokens for each left-padded row with a KV cache; logits at the last position
+    only. returns (rows, new) token ids"""
+    from transformers import DynamicCache
+
+    rows = len(encoded)
+    ids = torch.full((rows, width), pad, dtype=torch.long)  # (b, t), left padded
+    mask = torch.zeros((rows, width + new), dtype=torch.long)  # (b, t + new): the full mask
+    for r, e in enumerate(encoded):
+        ids[r, width - len(e):] = torch.tensor(e)
+        mask[r, width - len(e):] = 1
+    mask[:, width:] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask[:, :width].cumsum(1) - 1).clamp(min=0)  # (b, t)
+    cache = DynamicCache()
+    out = torch.empty((rows, new), dtype=torch.long, device=device)  # (b, new)
+    for s in range(new):
+        upto = width + s
+        logits = model(input_ids=ids, attention_mask=mask[:, :upto], position_ids=pos,
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (b, V)
+        if banned:
+            logits[:, banned] = float("-inf")  # end-of-text never ends a row early
+        ids = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)  # (b, 1)
+        out[:, s] = ids[:, 0]
+        pos = pos[:, -1:] + 1  # (b, 1)
+    return out

@@ -11,9 +11,10 @@ and padding is excluded through the attention mask. Each batch's Gram matrix is 
 (its rounding is far below the estimate's sampling error) and summed across batches in float64.
 
 Cache: one safetensors file per (weights sha256, layer, module, corpus sha256, n_tokens, seq_len,
-dtype, forward precision) under `$KNOWLEDGER_CACHE/stats/`, named by a hash of that key; the key
-is stored in the file's metadata and compared on load, so a file that does not match is
-recomputed, never trusted.
+dtype, forward precision) under `$KNOWLEDGER_CACHE/stats/`, named by a hash of that key, written
+atomically (editors.fileio). The key and the sha256 of the tensor's bytes are stored in the file's
+metadata and checked on load: a file whose key differs, whose data does not hash to its sha256 (a
+flipped bit) or that cannot be read is recomputed with a logged note naming it, never trusted.
 """
 from __future__ import annotations
 
@@ -21,25 +22,25 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from safetensors.torch import save as safetensors_bytes
 
-from .corpus import Corpus
+from .corpus import Corpus, has_bf16_units
+from .fileio import atomic_write_bytes, sha256_bytes
 from .hooks import TraceDict
 from .model_spec import ModelSpec, spec_for
 from .models import cache_root, weights_sha256
+from .progress import Progress, report
 
 log = logging.getLogger(__name__)
 
 _KIND = "knowledger.mlp_out_key_second_moment"
-_VERSION = 1  # bump when the computation changes what a cached file means
+_VERSION = 2  # 2: sha256 of the data in the metadata; bump when the computation changes what a cached file means
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -47,17 +48,26 @@ def second_moments(model, tokenizer, layers: Iterable[int], corpus: Corpus | str
                    n_tokens: int, *, dtype: torch.dtype | str = torch.float32, batch_size: int = 16,
                    seq_len: int = 128, device: str | torch.device | None = None,
                    cache_dir: str | os.PathLike | None = None, weights_sha: str | None = None,
-                   progress: bool = True, cache: bool = True,
-                   autocast_bf16: bool = False) -> dict[int, torch.Tensor]:
+                   progress: Progress | bool | None = None, cache: bool = True,
+                   autocast_bf16: bool | None = None) -> dict[int, torch.Tensor]:
     """C_ℓ (d_in, d_in) for each layer ℓ, symmetric, as `dtype`, on the CPU.
 
     corpus: a Corpus, a path to one, or None to let the model sample one (`Corpus.sampled`).
     device: where the forward passes run (default: the model's device; the model is not moved).
     cache: False neither reads nor writes the cache.
+    progress: a Progress callback ("sample" while a corpus is sampled, then "stats", tokens done of
+        tokens wanted); a bool is accepted for older callers and means no callback. Either way an
+        INFO log line marks the start and the end of each phase.
     autocast_bf16: run the forward pass and the Gram products under bfloat16 autocast (CPU AMX:
         ~2.5x faster on the default model; keys move by ~1.5%, C by ~1% in Frobenius norm). Part of
-        the cache key, so the two kinds of statistics never mix.
+        the cache key, so the two kinds of statistics never mix. None (default): where the
+        hardware has bf16 matrix units (`corpus.has_bf16_units`).
     """
+    if isinstance(progress, bool):
+        progress = None
+    device_ = torch.device(device) if device is not None else next(model.parameters()).device
+    if autocast_bf16 is None:
+        autocast_bf16 = has_bf16_units(device_)
     layers = sorted({int(i) for i in layers})
     if not layers:
         raise ValueError("second_moments needs at least one layer")
@@ -93,7 +103,7 @@ def second_moments(model, tokenizer, layers: Iterable[int], corpus: Corpus | str
 
 
 def _accumulate(model, tokenizer, spec: ModelSpec, layers: list[int], corpus: Corpus,
-                n_tokens: int, seq_len: int, batch_size: int, device, progress: bool,
+                n_tokens: int, seq_len: int, batch_size: int, device, progress: Progress | None,
                 autocast_bf16: bool):
     """Σ_t k_t k_tᵀ per layer (float64) and the token count, from one pass over the corpus."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -109,8 +119,9 @@ def _accumulate(model, tokenizer, spec: ModelSpec, layers: list[int], corpus: Co
     total = sum(map(len, chunks))
     start = time.perf_counter()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16)
-    bar = tqdm(total=total, unit="tok", desc=f"key statistics, layers {layers}", disable=not progress)
-    with torch.inference_mode(), autocast, bar:
+    log.info("statistics: %s tokens through layers %s ...", f"{total:,}", layers)
+    report(progress, "stats", 0, total)
+    with torch.inference_mode(), autocast:
         for b in range(0, len(chunks), batch_size):
             batch = chunks[b:b + batch_size]
             width = len(batch[0])
@@ -133,10 +144,10 @@ def _accumulate(model, tokenizer, spec: ModelSpec, layers: list[int], corpus: Co
                 sums[i] += K.T @ K  # (d_in, d_in), summed in float64
             n = int(real.sum())
             count += n
-            bar.update(n)
+            report(progress, "stats", count, total)
     seconds = time.perf_counter() - start
-    log.info("key statistics for layers %s: %d tokens in %.1f s (%.0f tokens/s)", layers, count,
-             seconds, count / max(seconds, 1e-9))
+    log.info("statistics: %s tokens through layers %s ... done in %.1f s (%.0f tokens/s)",
+             f"{count:,}", layers, seconds, count / max(seconds, 1e-9))
     return {i: s.cpu() for i, s in sums.items()}, count
 
 
@@ -156,32 +167,45 @@ def _file_name(key: dict) -> str:
     return hashlib.sha256(_key_json(key).encode()).hexdigest()[:32] + ".safetensors"
 
 
-def _load(path: Path, key: dict) -> torch.Tensor | None:
+def _tensor_sha(t: torch.Tensor) -> str:
+    return sha256_bytes(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _read_cached(path: Path, key: dict, what: str) -> tuple[torch.Tensor, dict] | None:
+    """(tensor, metadata) from a cache file whose key matches and whose tensor bytes hash to the
+    sha256 stored beside them; None (with a logged note naming the file) for anything else."""
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if json.loads(meta.get("key", "null")) != key:
-                log.warning("statistics cache %s holds a different key: recomputing", path.name)
+                log.warning("%s cache %s holds a different key: recomputing", what, path)
                 return None
-            return f.get_tensor("mom2")
+            tensor = f.get_tensor("mom2")
     except Exception as e:  # a truncated or foreign file is recomputed, not trusted
-        log.warning("statistics cache %s is unreadable (%s): recomputing", path.name, e)
+        log.warning("%s cache %s is unreadable (%s): recomputing", what, path, e)
         return None
+    if meta.get("sha256") != _tensor_sha(tensor):
+        log.warning("%s cache %s is corrupt (its data does not match its sha256): recomputing",
+                    what, path)
+        return None
+    return tensor, meta
+
+
+def _write_cached(path: Path, key: dict, tensor: torch.Tensor, **extra: str) -> None:
+    tensor = tensor.detach().contiguous().cpu()
+    meta = {"key": _key_json(key), "sha256": _tensor_sha(tensor), **extra}
+    atomic_write_bytes(path, safetensors_bytes({"mom2": tensor}, metadata=meta))
+
+
+def _load(path: Path, key: dict) -> torch.Tensor | None:
+    got = _read_cached(path, key, "statistics")
+    return None if got is None else got[0]
 
 
 def _save(path: Path, key: dict, tensor: torch.Tensor, count: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"mom2": tensor.contiguous()}, tmp,
-                  metadata={"key": _key_json(key), "count": str(count)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _write_cached(path, key, tensor, count=str(count))
 
 
 _NULL_KIND = "knowledger.null_space_basis"
@@ -202,24 +226,11 @@ def null_space(C: torch.Tensor, threshold: float, scale: str = "energy", *,
     key = dict(kind=_NULL_KIND, version=1, c_sha256=sha, c_dtype=str(Cc.dtype),
                threshold=float(threshold), scale=scale)
     path = (Path(cache_dir) if cache_dir is not None else cache_root() / "stats") / _file_name(key)
-    if cache and path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if json.loads(meta.get("key", "null")) == key:
-                    return f.get_tensor("mom2"), json.loads(meta["info"])
-        except Exception as e:  # unreadable: recompute
-            log.warning("null-space cache %s is unreadable (%s): recomputing", path.name, e)
+    if cache:
+        got = _read_cached(path, key, "null-space")
+        if got is not None:
+            return got[0], json.loads(got[1]["info"])
     basis, info = null_space_basis(Cc, threshold, scale=scale)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"mom2": basis.contiguous()}, tmp,
-                      metadata={"key": _key_json(key), "info": json.dumps(info)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        _write_cached(path, key, basis, info=json.dumps(info))
     return basis, info

@@ -236,3 +236,91 @@ def test_real_model_bf16_autocast_is_close(shared_data, tmp_path_factory, monkey
     print(f"\n4096 tokens, layers 3 and 8: float32 {times[False]:.1f} s, bf16 autocast "
           f"{times[True]:.1f} s; relative Frobenius difference {errors}")
     assert max(errors.values()) < 0.03
+
+
+# --- the first run: sampled statistics, progress when nothing is a terminal, verified caches ------
+def test_first_run_path_samples_and_reports_progress(tmp_path, caplog):
+    """No corpus (the README's path): the model samples one, C is built, an editor edits with it,
+    and every phase reports through the callback and an INFO line (no terminal involved)."""
+    from knowledger.editors.editor import Editor
+    from knowledger.editors.hparams import EditHParams
+    from knowledger.editors.requests import EditRequest
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    seen = []
+    caplog.set_level(logging.INFO, logger="knowledger.editors")
+    C = second_moments(model, tok, [1, 2], None, 300, cache_dir=tmp_path / "stats",
+                       progress=lambda phase, done, total: seen.append((phase, done, total)))
+    phases = [p for p, _, _ in seen]
+    assert phases[0] == "sample" and phases[-1] == "stats" and set(phases) == {"sample", "stats"}
+    for phase in ("sample", "stats"):
+        dones = [d for p, d, _ in seen if p == phase]
+        totals = {t for p, _, t in seen if p == phase}
+        assert dones == sorted(dones) and dones[0] == 0 and len(totals) == 1
+        assert dones[-1] == totals.pop()  # finished, and said so
+    text = caplog.text
+    assert "sampling 300 tokens" in text and text.count("done in") == 2 and "statistics: " in text
+    hp = EditHParams(layers=(1, 2), v_steps=3, n_context=1)
+    req = EditRequest(prompt="The capital of {} is", subject="Valley", target_new="Rome",
+                      target_true="Paris")
+    result = Editor(model, tok, hp, method="emmet", second_moments=C).compute([req])
+    assert [d.layer for d in result.deltas] == [1, 2]
+    assert all(torch.isfinite(d.left).all() and torch.isfinite(d.right).all() for d in result.deltas)
+
+
+def test_flipped_bit_and_unreadable_stats_cache_are_rebuilt(corpus, tmp_path, caplog):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    kw = dict(cache_dir=tmp_path / "stats", seq_len=64, batch_size=4)
+    first = second_moments(model, tok, [0], corpus, 500, **kw)[0]
+    (path,) = (tmp_path / "stats").glob("*.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        assert len(f.metadata()["sha256"]) == 64
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10  # one bit of the tensor's bytes (the data sits at the end of the file)
+    path.write_bytes(bytes(data))
+    calls, handle = _count_forwards(model)
+    caplog.set_level(logging.WARNING, logger="knowledger.editors.stats")
+    again = second_moments(model, tok, [0], corpus, 500, **kw)[0]
+    assert calls and torch.equal(again, first)  # recomputed, not the corrupted copy
+    assert "corrupt" in caplog.text and str(path) in caplog.text
+    calls.clear(); caplog.clear()
+    assert second_moments(model, tok, [0], corpus, 500, **kw)[0].equal(first) and not calls  # rebuilt
+    path.write_bytes(b"\x00" * 40)
+    assert second_moments(model, tok, [0], corpus, 500, **kw)[0].equal(first) and calls
+    assert "unreadable" in caplog.text and str(path) in caplog.text
+    handle.remove()
+
+
+def test_null_space_cache_is_verified(tmp_path, caplog):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(16, 8, generator=g)
+    C = A @ A.T / 8  # (16, 16), rank 8
+    basis, info = stats.null_space(C, 0.02, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    caplog.set_level(logging.WARNING, logger="knowledger.editors.stats")
+    again, _ = stats.null_space(C, 0.02, cache_dir=tmp_path)
+    assert torch.equal(again, basis) and "corrupt" in caplog.text
+
+
+def test_sampled_corpus_cache_holds_its_key(tmp_path, caplog):
+    model, tok = tiny_model("llama", n_layers=2), tiny_tokenizer()
+    kw = dict(batch_size=4, max_new_tokens=6, cache_dir=tmp_path)
+    a = Corpus.sampled(model, tok, 40, **kw)
+    head = a.path.read_text().split("\n", 1)[0]
+    meta = json.loads(head.split("corpus ", 1)[1])
+    assert meta["key"]["n_tokens"] == 40 and meta["key"]["max_new_tokens"] == 6
+    assert len(meta["text_sha256"]) == 64
+    assert not any("knowledger sampled corpus" in d for d in a.documents())  # the key is no document
+    caplog.set_level(logging.WARNING, logger="knowledger.editors.corpus")
+    a.path.write_text(a.path.read_text().replace("\n\n", "\n\nx", 1))  # text no longer matches
+    b = Corpus.sampled(model, tok, 40, **kw)
+    assert "corrupt" in caplog.text and b.sha256 == a.sha256  # sampled again, the same text
+    caplog.clear()
+    c = Corpus.sampled(model, tok, 40, **dict(kw, max_new_tokens=5))  # same file name, other key
+    assert "other settings" in caplog.text and c.sha256 != a.sha256
+    a.path.write_bytes(b"\xff\xfe garbage")
+    Corpus.sampled(model, tok, 40, **kw)
+    assert "unreadable" in caplog.text or "sampling it again" in caplog.text
