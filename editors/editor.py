@@ -35,6 +35,7 @@ from .model_spec import spec_for
 from .requests import EditRequest
 from .result import EditResult, LayerDelta
 from .memory import KeyMemory
+from .nas import anchor_targets
 from .solvers import CovSolver, alphaedit_delta, emmet_delta, encore_delta, memit_delta
 from .tokens import encode_with_subject, pad_id, pad_right
 from .values import context_prefixes, optimise_values
@@ -140,6 +141,9 @@ class Editor:
                 K, cur = keys.at(layer)  # (d_in, n), (n, d)
                 if z is None:
                     z = cur + targets.delta  # (n, d) target output of layer L
+                    if self.hp.nas:  # norm anchors (editors.nas): refused facts ask for no change
+                        anchored = anchor_targets(z, self.hp.nas_anchor, self.hp.nas_max_ratio, fallback=cur)
+                        z, result.diagnostics["refused"] = anchored.values, anchored.refused
                 timings["keys_s"] += time.perf_counter() - t
 
                 t = time.perf_counter()

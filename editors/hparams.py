@@ -48,6 +48,11 @@ class EditHParams:
     # --- PMET ----------------------------------------------------------------------------------
     pmet_attn_weight: float = 1.0  # weight of the attention-output part of the optimised change
 
+    # --- NAS norm anchors (editors.nas; arXiv 2602.02543) --------------------------------------
+    nas: bool = False  # rescale every solved target v* to ‖v*‖ = nas_anchor; refuse > max_ratio×
+    nas_anchor: float = 0.0  # ā, measured on the clean base model (editors.nas.measure_anchor)
+    nas_max_ratio: float = 2.0  # a target with ‖v*‖ > nas_max_ratio · ā is refused (fact failed)
+
     def __post_init__(self):
         layers = tuple(int(x) for x in self.layers)
         if not layers:
@@ -69,6 +74,10 @@ class EditHParams:
             raise ValueError(f"unknown alphaedit_null_scale {self.alphaedit_null_scale!r} (energy, max)")
         if self.encore_alpha < 0:
             raise ValueError("hparams.encore_alpha must be ≥ 0")
+        if self.nas and not self.nas_anchor > 0:
+            raise ValueError("hparams.nas needs nas_anchor > 0 (measure it: editors.nas.measure_anchor)")
+        if not self.nas_max_ratio > 0:
+            raise ValueError("hparams.nas_max_ratio must be > 0")
         if self.distribution not in ("uniform", "last"):
             raise ValueError(f"unknown distribution {self.distribution!r} (uniform, last)")
 
