@@ -88,8 +88,9 @@ def preset_for(model) -> tuple[UltraEditHParams, bool]:
     but one, at the paper's η — not measured."""
     config = getattr(model, "config", model)
     n = int(getattr(config, "num_hidden_layers", None) or config.n_layer)
-    p = dict(PRESETS.get(f"{config.model_type}-{n}L") or
-             dict(layers=tuple(range(max(0, n - n // 5 - 1), n - 1)), lr=1e-6, _measured=False))
+    k = max(1, n // 5)
+    generic = tuple(range(max(0, n - 1 - k), n - 1)) or (n - 1,)
+    p = dict(PRESETS.get(f"{config.model_type}-{n}L") or dict(layers=generic, lr=1e-6, _measured=False))
     measured = bool(p.pop("_measured"))
     return UltraEditHParams(**p), measured
 
