@@ -38,14 +38,16 @@ def main() -> None:
     ap.add_argument("--lr", nargs="+", type=float, default=[1e-4])
     ap.add_argument("--ridge", nargs="+", type=float, default=[1.0])
     ap.add_argument("--heldout", type=int, default=4096)
+    ap.add_argument("--ppl0", type=float, default=None, help="the base perplexity, when already measured")
     a = ap.parse_args()
     lm = open_model()
     reqs, _ = load_requests(Path(a.facts), a.n, a.offset)
     chunks = heldout_chunks(Corpus.from_path(DATA / "corpus" / "wiki.test.raw"), lm.tokenizer, a.heldout,
                             skip_tokens=100_000)
-    ppl0 = perplexity(lm.model, lm.tokenizer, chunks)
-    base = evaluate(lm, reqs)
-    print(json.dumps(dict(config="base", perplexity=ppl0, **base)), flush=True)
+    ppl0 = a.ppl0
+    if ppl0 is None:
+        ppl0 = perplexity(lm.model, lm.tokenizer, chunks)
+        print(json.dumps(dict(config="base", perplexity=ppl0, **evaluate(lm, reqs))), flush=True)
     for layers, lr, ridge in itertools.product(a.layers, a.lr, a.ridge):
         hp = UltraEditHParams(layers=_layers(layers), lr=lr, ridge=ridge)
         ed = UltraEditor(lm.model, lm.tokenizer, hp)
