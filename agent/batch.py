@@ -65,6 +65,9 @@ def edit_batch(es: EditSession, rows: list[Request], method: str, hp, *,
         for r, m in bad:
             failed[r.id] = (f"{CRITERION_TEXT} (P(target_new) {m.get('rewrite_p_new', 0):.3f}, "
                             f"attempt {attempts})", m)
+        for i, why in (result.diagnostics.get("refused") or {}).items():  # NAS: editors.nas
+            failed[todo[i].id] = (why, after[i])
+            bad += [] if any(r.id == todo[i].id for r, _ in bad) else [(todo[i], after[i])]
         if not bad:
             break
         live.set_active(start)

@@ -37,6 +37,7 @@ from .memory import KeyMemory
 from .methods import SolveInputs, closed_form_names, get_method, lifelong_names
 from .progress import Progress, report
 from .solvers import CovSolver
+from .nas import anchor_targets
 from .tokens import encode_with_subject, pad_id, pad_right
 from .values import context_prefixes, optimise_values
 
@@ -126,6 +127,9 @@ class Editor:
                 K, cur = keys.at(layer)  # (d_in, n), (n, d) output of layer L (PMET: of its MLP)
                 if z is None:
                     z = cur + targets.delta  # (n, d) target output of layer L (PMET: of its MLP)
+                    if self.hp.nas:  # norm anchors (editors.nas): refused facts ask for no change
+                        anchored = anchor_targets(z, self.hp.nas_anchor, self.hp.nas_max_ratio, fallback=cur)
+                        z, result.diagnostics["refused"] = anchored.values, anchored.refused
                 timings["keys_s"] += time.perf_counter() - t
 
                 t = time.perf_counter()

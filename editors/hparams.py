@@ -42,7 +42,8 @@ RANGES: dict[str, tuple] = {
     "stats_tokens": ("int", 1, 10**12), "stats_dtype": (("float32", "float64"),),
     "alphaedit_null_threshold": ("float", 0, 1, True, True),
     "alphaedit_null_scale": (("energy", "max"),), "alphaedit_l2": ("float", 0, None, True),
-    "encore_alpha": ("float", 0, None),
+    "encore_alpha": ("float", 0, None), "nas": ("bool",), "nas_anchor": ("float", 0, None),
+    "nas_max_ratio": ("float", 0, None, True),
 }
 _INF_OK = {"early_stop_loss"}  # a threshold: +inf means "the goal is met at once"
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
@@ -164,9 +165,16 @@ class EditHParams:
     alphaedit_l2: float = 0.1  # AlphaEdit's α, relative to E‖P k‖² of corpus keys (scale-free)
     encore_alpha: float = 0.1  # ENCORE's Frobenius-norm weight α, relative to mean diag(λC)
 
+    # --- NAS norm anchors (editors.nas; arXiv 2602.02543) --------------------------------------
+    nas: bool = False  # rescale every solved target v* to ‖v*‖ = nas_anchor; refuse > max_ratio×
+    nas_anchor: float = 0.0  # ā, measured on the clean base model (editors.nas.measure_anchor)
+    nas_max_ratio: float = 2.0  # a target with ‖v*‖ > nas_max_ratio · ā is refused (fact failed)
+
     def __post_init__(self):
         for f in dataclasses.fields(self):  # parse by the field's type, check its range
             object.__setattr__(self, f.name, parse_value(f.name, getattr(self, f.name)))
+        if self.nas and not self.nas_anchor > 0:
+            raise HParamError("hparams.nas needs nas_anchor > 0 (measure it: editors.nas.measure_anchor)")
 
     @property
     def v_layer(self) -> int:

@@ -1,0 +1,138 @@
+"""Consolidation: re-solve every active fact jointly against the BASE weights, from the ledger.
+
+Sequential editing solves each batch on weights that earlier batches already moved; OTE-SE
+(arXiv 2605.26670) and RLSEdit (2601.15686) show that an editor that accounts for every
+accumulated constraint equals one-time editing. The ledger holds what that needs: per active fact
+the target z (d,) of the last edited layer L's output at the subject's last token (v* = v₀ + δ,
+anchored if NAS was on). Consolidation runs MEMIT's layer loop (Meng et al. 2023, Alg. 1; the
+editors' own distribution and key pass) once over ALL those facts, starting from the base weights:
+
+    for each edited layer l_i, ascending (the deltas of l_1..l_{i-1} already in place):
+        over chunks of facts:  K, cur = keys(chunk, l_i)     # (d_in, m), (m, d) on the current weights
+                               R = (z − cur)ᵀ · share(i)     # (d, m)
+                               A += K Kᵀ;  B += R Kᵀ          # float64 (d_in, d_in), (d, d_in)
+        ΔW_i = B (λC + αI + A)⁻¹                             # one d_in×d_in Cholesky
+        apply ΔW_i (temporarily; restored bit for bit at the end)
+
+Memory is O(d_in² + d·d_in + chunk), independent of the number of facts: 10,000+ fit. The result is
+the one-batch MEMIT solve of all facts on the base weights (tested to float64 tolerance), so it is
+a function of the active set alone: undoing one fact after a consolidation and consolidating again
+is exact (ΔW of the other N−1, tested). α = 0 is MEMIT; α > 0 adds ENCORE's norm penalty.
+
+Why the targets stay valid: z lives at layer L's output and no layer above L is edited, so the
+blocks above L map z to the prediction exactly as when z was optimised; only the path below L
+(the keys, and h at L) depends on the deltas, and consolidation recomputes that path.
+
+Where that breaks:
+- PMET: its v* was optimised with an extra, never-written change of layer L's attention output;
+  the recorded MLP-part target assumes that attention change. Consolidation treats PMET facts as
+  MEMIT facts with z = cur + δ_mlp (an approximation; exact only by re-optimising v* on the base).
+- MALMEN and UltraEdit (editors.ultraedit): no residual target exists. Their deltas come from
+  gradient-derived pseudo-values per layer, in normalised units that depended on the statistics at
+  edit time, and they edit layers whose keys move when lower layers move. What the ledger holds is
+  per layer (k, v) with v = (W + ΔW) k at edit time. `resolve_recorded` re-solves each layer
+  jointly on those recorded pairs against the base weights (ΔW = (V − W₀K)Kᵀ(KKᵀ + αI)⁻¹, the
+  RLSEdit-style joint ridge), without recomputing keys: exact for a single edited layer, an
+  approximation for stacked ones (the upper layers' recorded keys go stale). The alternative is to
+  leave such operations out of a consolidation and keep their deltas on top of it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from knowledger.editors.apply import apply_deltas, restore_params, snapshot_params
+from knowledger.editors.result import LayerDelta
+
+# keys(requests, layer) -> (K (d_in, m), cur (m, d)): keys at `layer` and layer L's output, on the
+# model's current weights (the editors' key pass: Editor._keys_and_current / editors.keys)
+KeyFn = Callable[[Sequence, int], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+def editor_keys(editor) -> KeyFn:
+    """The editors' key pass (context-averaged keys, layer L's output at the bare prompt)."""
+    contexts = editor.contexts
+    return lambda reqs, layer: editor._keys_and_current(list(reqs), layer, contexts)
+
+
+def _factored(layer: int, param: str, dW: torch.Tensor) -> LayerDelta:
+    """A dense ΔW (d_out, d_in) as factors of rank min(d_out, d_in)."""
+    d_out, d_in = dW.shape
+    if d_out <= d_in:
+        return LayerDelta(layer, param, torch.eye(d_out, dtype=torch.float32), dW.T.float().contiguous())
+    return LayerDelta(layer, param, dW.float().contiguous(), torch.eye(d_in, dtype=torch.float32))
+
+
+def solve_sums(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, lam: float, alpha: float = 0.0,
+               jitter: float = 1e-10) -> torch.Tensor:
+    """ΔW = B (λC + αI + A)⁻¹ in float64, by Cholesky (a relative jitter like CovSolver's).
+    A (d_in, d_in) = Σ K Kᵀ, B (d_out, d_in) = Σ R Kᵀ, C (d_in, d_in) -> ΔW (d_out, d_in)"""
+    M = C.to(torch.float64) * lam  # (d_in, d_in)
+    M.diagonal().add_(jitter * float(M.diagonal().mean()) + alpha)
+    M += A
+    M = 0.5 * (M + M.T)
+    L = torch.linalg.cholesky(M)  # (d_in, d_in)
+    return torch.cholesky_solve(B.T.to(torch.float64), L).T  # (d_out, d_in)
+
+
+def consolidate(model, spec, requests: Sequence, targets: torch.Tensor, *, layers: Sequence[int],
+                keys: KeyFn, second_moments: dict[int, torch.Tensor], lam: float, alpha: float = 0.0,
+                distribution=None, chunk: int = 256, progress=None) -> list[LayerDelta]:
+    """Per-layer deltas re-solving all `requests` jointly against the model's current weights,
+    which must be the BASE weights at `layers` (the caller loads them). The model is restored.
+
+    targets  # (N, d): z per fact, row i for requests[i] (the ledger's recorded target)
+    distribution: an editors.distribute Distribution (default: MEMIT's uniform spread)
+    """
+    from knowledger.editors.distribute import get_distribution
+
+    if len(requests) != targets.shape[0] or len(requests) == 0:
+        raise ValueError(f"need one target per fact; got {len(requests)} facts, {tuple(targets.shape)} targets")
+    if chunk < 1:
+        raise ValueError("chunk must be ≥ 1")
+    dist = distribution or get_distribution("uniform")
+    layers = list(dist.layers(layers))
+    z = targets.to(torch.float64)  # (N, d)
+    saved = snapshot_params(model, [spec.weight_name(l) for l in layers])
+    deltas: list[LayerDelta] = []
+    try:
+        for i, layer in enumerate(layers):
+            share = dist.share(i, len(layers))
+            A = B = None
+            for s in range(0, len(requests), chunk):
+                K, cur = keys(requests[s : s + chunk], layer)  # (d_in, m), (m, d)
+                K = K.to(torch.float64)
+                R = (z[s : s + chunk] - cur.to(torch.float64)).T * share  # (d, m)
+                if A is None:
+                    A = torch.zeros(K.shape[0], K.shape[0], dtype=torch.float64)
+                    B = torch.zeros(R.shape[0], K.shape[0], dtype=torch.float64)
+                A.addmm_(K, K.T)  # (d_in, d_in)
+                B.addmm_(R, K.T)  # (d, d_in)
+                if progress is not None:
+                    progress(f"consolidate layer {layer}", min(s + chunk, len(requests)), len(requests))
+            dW = solve_sums(A, B, second_moments[layer], lam, alpha)  # (d, d_in)
+            delta = _factored(layer, spec.weight_name(layer), dW)
+            deltas.append(delta)
+            apply_deltas(model, spec, [delta])  # temporarily: the next layer's keys see it
+    finally:
+        restore_params(model, saved)
+    return deltas
+
+
+def resolve_recorded(keys: dict[int, torch.Tensor], values: dict[int, torch.Tensor],
+                     base: dict[int, torch.Tensor], params: dict[int, str], alpha: float,
+                     C: dict[int, torch.Tensor] | None = None, lam: float = 0.0) -> list[LayerDelta]:
+    """Joint per-layer ridge on recorded (k, v) pairs (MALMEN, UltraEdit; see the module docstring).
+
+    keys[l] (d_in, N), values[l] (d_out, N), base[l] W₀ (d_out, d_in) in the math orientation.
+    ΔW = (V − W₀K) Kᵀ (λC + αI + KKᵀ)⁻¹; C optional (λ = 0 without it).
+    """
+    out = []
+    for l in sorted(keys):
+        K, V, W0 = keys[l].double(), values[l].double(), base[l].double()  # (d_in,N), (d_out,N), (d_out,d_in)
+        A = K @ K.T  # (d_in, d_in)
+        Cl = C[l] if C is not None else torch.zeros_like(A)
+        dW = solve_sums(A, (V - W0 @ K) @ K.T, Cl, lam, alpha, jitter=0.0)
+        out.append(_factored(l, params[l], dW))
+    return out

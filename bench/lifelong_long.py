@@ -1,0 +1,227 @@
+"""A long sequential-editing run that can be stopped and resumed with the same result.
+
+    python bench/lifelong_long.py --editor ultraedit --n 10000 --batch 100 --out runs/ue10k
+    # killed, or stopped with --stop-after 20 (batches this session)? run the same command again.
+
+State in --out (one folder per run):
+- progress.json: the run's config (a resume must match it), batches done, the curve, per-batch
+  log, and the name and sha256 of the state file it belongs to;
+- state-<batches>.safetensors: the edited layers' weights and the editor's lifelong state (the
+  key memory M of the closed-form editors, or UltraEdit's running statistics), after that batch.
+A checkpoint writes the state file first (atomically), then progress.json (atomically), then
+deletes older state files, so a kill at any point leaves a consistent pair. Resume checks the
+state file's sha256 against progress.json before loading it. The run is deterministic given its
+config (editors are deterministic on a fixed thread count), so resume gives the same result as
+an uninterrupted run: tests/bench/test_lifelong_long.py.
+
+Curves every --curve-every edits: CounterFact success AND top-1 over a fixed sample of the facts
+edited so far (--eval-sample, seeded), perplexity on held-out WikiText vs the base, ‖ΔW‖/‖W‖ per
+edited layer, and seconds per fact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from knowledger.editors.apply import apply_deltas, weight_sha256
+from knowledger.editors.evaluate import aggregate, fact_metrics
+from knowledger.editors.fileio import atomic_write_bytes, atomic_write_text, sha256_file
+from knowledger.editors.health import weight_norms
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+class ResumeMismatch(ValueError):
+    """The folder holds a run with another config, or a state file that fails its hash."""
+
+
+class Stream:
+    """An editor and its lifelong state behind one step(batch) and state tensors."""
+
+    def __init__(self, name: str, editor, memory=None):
+        self.name, self.editor, self.memory = name, editor, memory
+
+    @property
+    def layers(self):
+        return self.editor.layers
+
+    def step(self, model, batch) -> dict:
+        if self.name == "ultraedit":
+            res = self.editor.compute(batch)
+            apply_deltas(model, self.editor.spec, res.deltas)
+            self.editor.advance(self.editor.last_step)
+        else:
+            res = self.editor.compute(batch, memory=self.memory)
+            apply_deltas(model, self.editor.spec, res.deltas)
+            self.memory.add({l: K for l, K in res.keys.items()})
+        return res.timings
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.name == "ultraedit":
+            return {f"stats.{k}": v for k, v in self.editor.state.to_tensors().items()}
+        out = {f"memory.{l}": s for l, s in self.memory.sums.items()}
+        out.update({f"memory_n.{l}": torch.tensor([n]) for l, n in self.memory.counts.items()})
+        return out
+
+    def load_state(self, t: dict[str, torch.Tensor]) -> None:
+        if self.name == "ultraedit":
+            from knowledger.editors.lifelong_norm import LifelongStats
+
+            self.editor.state = LifelongStats.from_tensors({k[6:]: v for k, v in t.items() if k.startswith("stats.")})
+            return
+        for k, v in t.items():
+            if k.startswith("memory."):
+                self.memory.sums[int(k[7:])] = v.to(torch.float64)
+            elif k.startswith("memory_n."):
+                self.memory.counts[int(k[9:])] = int(v[0])
+
+
+def _write_checkpoint(out: Path, model, spec, stream: Stream, progress: dict) -> None:
+    tensors = {f"weight.{l}": model.get_parameter(spec.weight_name(l)).detach().contiguous()
+               for l in stream.layers}
+    tensors.update(stream.state_tensors())
+    name = f"state-{progress['batches_done']:06d}.safetensors"
+    atomic_write_bytes(out / name, save({k: v.contiguous() for k, v in tensors.items()}))
+    progress["state"] = dict(file=name, sha256=sha256_file(out / name))
+    atomic_write_text(out / "progress.json", json.dumps(progress, indent=1, sort_keys=True))
+    for old in out.glob("state-*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def _resume(out: Path, config: dict, model, spec, stream: Stream) -> dict | None:
+    path = out / "progress.json"
+    if not path.is_file():
+        return None
+    progress = json.loads(path.read_text(encoding="utf-8"))
+    if progress["config"] != config:
+        raise ResumeMismatch(f"{out} holds a run with another config; use a new --out")
+    state = out / progress["state"]["file"]
+    if not state.is_file() or sha256_file(state) != progress["state"]["sha256"]:
+        raise ResumeMismatch(f"{state} is missing or does not match its sha256 in progress.json")
+    t = load_file(str(state))
+    with torch.no_grad():
+        for l in stream.layers:
+            model.get_parameter(spec.weight_name(l)).copy_(t[f"weight.{l}"])
+    stream.load_state(t)
+    return progress
+
+
+def run(model, tokenizer, spec, requests, stream: Stream, out: Path, config: dict, *,
+        checkpoint_every: int = 10, curve_every: int = 1000, eval_sample: int = 500,
+        perplexity_fn=None, stop_after: int | None = None, log=print) -> dict:
+    """Edit `requests` in batches of config["batch"] from where `out` stopped; returns progress.
+
+    stop_after: end (after a checkpoint) once this many batches ran in this call: a working day.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    B = int(config["batch"])
+    base = {l: model.get_parameter(spec.weight_name(l)).detach().clone() for l in stream.layers}
+    base_sha = {str(l): weight_sha256(w) for l, w in base.items()}  # the model must start at the base
+    progress = _resume(out, config, model, spec, stream)
+    if progress is None:
+        progress = dict(config=config, batches_done=0, curve=[], batches=[], edit_s=0.0,
+                        base_weights_sha256=base_sha,
+                        perplexity_base=perplexity_fn(model) if perplexity_fn else None)
+    else:
+        if progress["base_weights_sha256"] != base_sha:
+            raise ResumeMismatch("resume must start from the base weights the run started from")
+        log(f"resuming after batch {progress['batches_done']} ({progress['batches_done'] * B} edits)")
+    rng = random.Random(0)
+    order = list(range(len(requests)))
+    rng.shuffle(order)  # fixed evaluation sample order: the first facts of it that are edited
+    n_batches = math.ceil(len(requests) / B)
+    ran = 0
+    for b in range(progress["batches_done"], n_batches):
+        batch = requests[b * B : (b + 1) * B]
+        t = time.perf_counter()
+        timings = stream.step(model, batch)
+        secs = time.perf_counter() - t
+        progress["edit_s"] += secs
+        progress["batches_done"] = b + 1
+        done = min((b + 1) * B, len(requests))
+        progress["batches"].append(dict(index=b + 1, n=len(batch), seconds=secs,
+                                        **{k: v for k, v in timings.items() if isinstance(v, float)}))
+        if done % curve_every < B or b + 1 == n_batches:
+            cur = {l: model.get_parameter(spec.weight_name(l)) for l in stream.layers}
+            sample = [requests[i] for i in order if i < done][:eval_sample]
+            point = dict(edits=done, metrics=aggregate(fact_metrics(model, tokenizer, sample)),
+                         n_eval=len(sample), seconds_per_fact=progress["edit_s"] / done,
+                         norms={str(k): v for k, v in weight_norms(cur, base).items()})
+            if perplexity_fn:
+                point["perplexity"] = perplexity_fn(model)
+                point["perplexity_ratio"] = point["perplexity"] / progress["perplexity_base"]
+            progress["curve"].append(point)
+            log(json.dumps(dict(edits=done, **{k: round(v, 4) for k, v in point["metrics"].items()})))
+        ran += 1
+        last = b + 1 == n_batches or (stop_after is not None and ran >= stop_after)
+        if (b + 1) % checkpoint_every == 0 or last:
+            _write_checkpoint(out, model, spec, stream, progress)
+        if last:
+            break
+    return progress
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--editor", default="ultraedit")
+    ap.add_argument("--facts", default=str(DATA / "counterfact" / "counterfact-train.json"))
+    ap.add_argument("--offset", type=int, default=0)
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--checkpoint-every", type=int, default=10)
+    ap.add_argument("--curve-every", type=int, default=1000)
+    ap.add_argument("--eval-sample", type=int, default=500)
+    ap.add_argument("--heldout", type=int, default=4096)
+    ap.add_argument("--stop-after", type=int, default=None)
+    ap.add_argument("--hparams", default="{}", help="JSON overrides of the editor's hyperparameters")
+    a = ap.parse_args()
+    from knowledger.agent.bench import load_requests
+    from knowledger.agent.editing import open_model
+
+    lm = open_model()
+    reqs, _ = load_requests(Path(a.facts), a.n, a.offset)
+    overrides = json.loads(a.hparams)
+    stream = make_stream(lm, a.editor, overrides)
+    config = dict(editor=a.editor, facts=Path(a.facts).name, offset=a.offset, n=len(reqs), batch=a.batch,
+                  hparams=stream_hparams(stream), model_sha256=lm.weights_sha256)
+    ppl = None
+    if a.heldout:
+        from knowledger.editors.corpus import Corpus
+        from knowledger.editors.health import heldout_chunks, perplexity
+
+        chunks = heldout_chunks(Corpus.from_path(DATA / "corpus" / "wiki.test.raw"), lm.tokenizer, a.heldout,
+                                skip_tokens=100_000)
+        ppl = lambda m: perplexity(m, lm.tokenizer, chunks)  # noqa: E731
+    run(lm.model, lm.tokenizer, lm.spec, reqs, stream, Path(a.out), config, checkpoint_every=a.checkpoint_every,
+        curve_every=a.curve_every, eval_sample=a.eval_sample, perplexity_fn=ppl, stop_after=a.stop_after,
+        log=lambda s: print(s, flush=True))
+
+
+def make_stream(lm, name: str, overrides: dict) -> Stream:
+    if name == "ultraedit":
+        from knowledger.editors.ultraedit import UltraEditor, preset_for
+
+        hp, _ = preset_for(lm.model)
+        return Stream(name, UltraEditor(lm.model, lm.tokenizer, hp.replace(**overrides)))
+    from knowledger.agent.editing import make_editor, resolve_hparams
+    from knowledger.editors.memory import KeyMemory
+
+    hp = resolve_hparams(lm, None, overrides)
+    return Stream(name, make_editor(lm, name, hp, DATA / "corpus" / "wiki.test.raw", progress=False), KeyMemory())
+
+
+def stream_hparams(stream: Stream) -> dict:
+    return stream.editor.hp.to_dict()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The resumable long-run driver (bench/lifelong_long.py): stop + resume == one uninterrupted run."""
+import json
+
+import pytest
+import torch
+
+from bench.lifelong_long import ResumeMismatch, Stream, run
+from knowledger.editors.apply import weight_sha256
+from knowledger.editors.ultraedit import UltraEditHParams, UltraEditor
+from tests.editors.test_ultraedit import FACTS, TOK
+from tests.tiny import tiny_model
+
+CONFIG = dict(editor="ultraedit", batch=2, n=len(FACTS))
+
+
+def _fresh():
+    model = tiny_model("llama", init_range=0.3, n_layers=6)
+    return model, Stream("ultraedit", UltraEditor(model, TOK, UltraEditHParams(layers=(2, 3), lr=1e-2)))
+
+
+def _go(out, stop_after=None):
+    model, stream = _fresh()
+    progress = run(model, TOK, stream.editor.spec, FACTS, stream, out, CONFIG, checkpoint_every=1,
+                   curve_every=4, eval_sample=8, stop_after=stop_after, log=lambda s: None)
+    return model, stream, progress
+
+
+def _sha(model, stream):
+    return [weight_sha256(model.get_parameter(stream.editor.spec.weight_name(l))) for l in stream.layers]
+
+
+def test_a_stopped_and_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
+    model_a, stream_a, full = _go(tmp_path / "a")
+    assert full["batches_done"] == 4 and [p["edits"] for p in full["curve"]] == [4, 8]
+    _, _, part = _go(tmp_path / "b", stop_after=1)
+    assert part["batches_done"] == 1
+    _, _, part = _go(tmp_path / "b", stop_after=2)  # a second working day
+    assert part["batches_done"] == 3
+    model_b, stream_b, resumed = _go(tmp_path / "b")  # a fresh process from the base weights
+    assert resumed["batches_done"] == 4
+    assert _sha(model_b, stream_b) == _sha(model_a, stream_a)
+    assert [p["metrics"] for p in resumed["curve"]] == [p["metrics"] for p in full["curve"]]
+    ta, tb = stream_a.editor.state.to_tensors(), stream_b.editor.state.to_tensors()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert len(list((tmp_path / "b").glob("state-*.safetensors"))) == 1
+
+
+def test_resume_refuses_a_tampered_state_or_another_config(tmp_path):
+    _go(tmp_path, stop_after=1)
+    progress = json.loads((tmp_path / "progress.json").read_text())
+    state = tmp_path / progress["state"]["file"]
+    state.write_bytes(state.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ResumeMismatch, match="sha256"):
+        _go(tmp_path)
+    model, stream = _fresh()
+    with pytest.raises(ResumeMismatch, match="config"):
+        run(model, TOK, stream.editor.spec, FACTS, stream, tmp_path, dict(CONFIG, batch=3), log=lambda s: None)
