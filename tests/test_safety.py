@@ -451,13 +451,11 @@ def test_the_gguf_conversion_cache_is_shared_readable_and_never_written_through_
     assert list(elsewhere.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="h4 (agent/lock.py: open_no_follow, never O_TRUNC); "
-                                       "delete this mark once that is merged")
 def test_a_symlinked_lock_file_does_not_truncate_its_target(damaged_ws, tmp_path):
     from knowledger.agent.live import lock_path
 
     ws, _ = damaged_ws  # (undamaged here)
-    lock = lock_path(locate(ws))
+    lock = lock_path(locate(ws)).file  # agent.lock: O_NOFOLLOW, never O_TRUNC
     outside = tmp_path / "important.txt"
     outside.write_text("keep me")
     lock.unlink(missing_ok=True)

@@ -97,13 +97,15 @@ class LowerCache:
         """run(tf) for cache_tokens: the final-normed hidden states (B, T, d)."""
         ids, lengths = tf.batch.ids, tf.batch.lengths
         keys = [tuple(ids[b, : lengths[b]].tolist()) for b in range(len(ids))]
-        todo = [b for b, k in enumerate(keys) if k not in self.rows]
-        if todo:
+        for b, k in enumerate(keys):
+            if k in self.rows:
+                continue
+            # one row at a time, unpadded: a cached row is then a function of its tokens only, not
+            # of the batch it first appeared in (batch shapes change float rounding), so a resumed
+            # run, whose cache starts empty, computes exactly what the uninterrupted run cached
             with torch.no_grad():
-                got = capture(self.model, self.spec, ids[todo], block_inputs=[self.start])
-            h = got[f"in:{self.start}"]  # (b, T, d)
-            for j, b in enumerate(todo):
-                self.rows[keys[b]] = h[j, : lengths[b]].clone()
+                got = capture(self.model, self.spec, ids[b:b + 1, : lengths[b]], block_inputs=[self.start])
+            self.rows[k] = got[f"in:{self.start}"][0].clone()  # (T_b, d)
         hidden = torch.zeros(len(ids), ids.shape[1], self.rows[keys[0]].shape[-1])  # (B, T, d)
         for b, k in enumerate(keys):
             hidden[b, : len(k)] = self.rows[k]

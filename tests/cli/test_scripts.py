@@ -27,8 +27,6 @@ def test_progress_is_plain_lines_off_a_terminal(ws, corpus):
     assert "replay: replay 0/2" in r.stderr and json.loads(r.stdout)["mismatches"] == []
 
 
-@pytest.mark.xfail(strict=False, reason="editors/stats.py and corpus.py draw tqdm bars until they "
-                                        "call the Progress callback (h5's branch)")
 def test_no_bar_frames_in_a_log(ws, corpus):
     submit(ws, *GOOD[0])
     r = ok(*apply_args(corpus), db=ws)
