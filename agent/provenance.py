@@ -5,7 +5,6 @@ knowledger's thread rule once at process start (see docs/benchmarks.md, "Threads
 """
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import sys
@@ -59,29 +58,3 @@ def configure_threads() -> str | None:
         return None
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return "PASSIVE"
-
-
-class _StderrLines(logging.Handler):
-    """One plain line per record on the current sys.stderr (looked up at each record, so that a
-    test runner's swapped stream is honoured)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")
-            sys.stderr.flush()
-        except Exception:  # pragma: no cover - logging must never break a command
-            self.handleError(record)
-
-
-def show_phase_lines(names: tuple[str, ...] = ("knowledger.editors.stats",
-                                                "knowledger.editors.corpus")) -> None:
-    """Let the one-time phases' INFO lines ("statistics: sampling 15,360 tokens ... done in 41 s")
-    reach stderr whether or not it is a terminal; idempotent. The CLI calls it at start."""
-    for name in names:
-        logger = logging.getLogger(name)
-        if not any(isinstance(h, _StderrLines) for h in logger.handlers):
-            handler = _StderrLines()
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logger.addHandler(handler)
-        if logger.level == logging.NOTSET or logger.level > logging.INFO:
-            logger.setLevel(logging.INFO)

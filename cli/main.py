@@ -12,6 +12,7 @@ import sys
 import click
 
 from knowledger.cli.common import Output, report_error, silence_third_party
+from knowledger.cli.progress import show_phase_lines
 
 MODULES = ("workspace", "facts", "db", "direct", "bench", "history", "reading", "audit", "config",
            "malmen", "hypernet")
@@ -55,10 +56,7 @@ def cli(ctx, quiet, verbose):
     """
     ctx.obj = Output(quiet=quiet, verbose=verbose)
     silence_third_party(verbose)
-    if not quiet:
-        from knowledger.agent.provenance import show_phase_lines
-
-        show_phase_lines()  # plain lines for the one-time statistics phases, terminal or not
+    show_phase_lines(not quiet)  # plain lines for the one-time statistics phases, terminal or not
 
 
 def _register():

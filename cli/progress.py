@@ -8,6 +8,8 @@ last, so a log gets a few lines rather than bar frames.
 """
 from __future__ import annotations
 
+import logging
+
 import sys
 import time
 from collections.abc import Callable
@@ -71,3 +73,32 @@ def make_progress(prefix: str | None = None, *, tty: bool | None = None):
     if tty is None:
         tty = sys.stderr.isatty()
     return BarProgress(prefix) if tty else LineProgress(prefix)
+
+
+class _StderrLines(logging.Handler):
+    """One plain line per record on the current sys.stderr (looked up at each record, so that a
+    test runner's swapped stream is honoured)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # pragma: no cover - logging must never break a command
+            self.handleError(record)
+
+
+def show_phase_lines(enabled: bool = True, names: tuple[str, ...] = ("knowledger.editors.stats",
+                                                                     "knowledger.editors.corpus")) -> None:
+    """Let the one-time phases' INFO lines ("statistics: sampling 15,360 tokens ... done in 41 s")
+    reach stderr whether or not it is a terminal (enabled=False, for --quiet: they don't).
+    Idempotent; the CLI group calls it once per command."""
+    for name in names:
+        logger = logging.getLogger(name)
+        handler = next((h for h in logger.handlers if isinstance(h, _StderrLines)), None)
+        if handler is None:
+            handler = _StderrLines()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        handler.setLevel(logging.INFO if enabled else logging.CRITICAL + 1)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)

@@ -29,7 +29,7 @@ def test_provenance_is_json_with_what_tells_runs_apart():
 def test_phase_lines_reach_stderr_once(capsys):
     import logging
 
-    from knowledger.agent.provenance import show_phase_lines
+    from knowledger.cli.progress import show_phase_lines
 
     show_phase_lines()
     show_phase_lines()  # idempotent: one line per record, not two
