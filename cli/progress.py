@@ -55,7 +55,7 @@ class BarProgress:
         if bar is None:
             desc = f"{self.prefix}: {phase}" if self.prefix else phase
             bar = self._bars[phase] = tqdm(total=total, desc=desc, file=sys.stderr, leave=False,
-                                           dynamic_ncols=True)
+                                           dynamic_ncols=True, disable=False)  # TQDM_DISABLE is for others' bars
         if total is not None and bar.total != total:
             bar.total = total
         bar.n = done
