@@ -67,6 +67,10 @@ def silence_third_party(verbose: int) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     for name in ("transformers", "huggingface_hub", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning, UserWarning):  # e.g. transformers' past_key_values
+        warnings.filterwarnings("ignore", category=category, module=r"(torch|transformers|accelerate|huggingface_hub)(\.|$)")
     if "transformers" in sys.modules:  # already imported: set it there too
         from transformers.utils import logging as hf_logging
 
