@@ -30,10 +30,10 @@ def export(out, adapter, dtype, db, as_json):
     if as_json:
         echo_json(result)
         return
-    what = (f"a LoRA adapter of {len(result.adapter)} module(s)" if result.kind == "adapter"
-            else f"the live model ({result.dtype})")
+    what = (f"the active edits as a LoRA adapter of {len(result.adapter)} module(s)"
+            if result.kind == "adapter" else "the live model")
     click.echo(f"Exported {what} (seq {result.head_seq}, weights {short_sha(result.weights_sha256)}, "
-               f"{len(result.facts)} active edits) to {result.path}")
+               f"{len(result.facts)} active edits, {result.dtype}) to {result.path}")
 
 
 @cli.command()
