@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from knowledger.agent.jsonutil import iso
-from knowledger.agent.workspace import Workspace
 from knowledger.editors.models import is_default
 from knowledger.ledger import repository as repo
 
