@@ -13,7 +13,6 @@ Below them: the latest audit's drifted facts and dangers, and a table of every a
 from __future__ import annotations
 
 import base64
-import html
 import io
 import os
 from pathlib import Path
@@ -121,61 +120,71 @@ def _num(x, spec=".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+# the page: a jinja2 template, autoescaped (every text from the ledger is HTML-escaped)
+_PAGE = """<!doctype html><html><head><meta charset='utf-8'><title>knowledger report</title>
+<style>{{ css | safe }}</style></head><body><h1>knowledger: edits and audits</h1>
+<p>Workspace <code>{{ where }}</code>; base model <code>{{ base }}</code>; {{ n_ops }} committed operations; \
+facts: {{ counts }}. Generated {{ now }}.</p>
+{% if last %}
+<h2>Latest audit (#{{ last.id }}, seq {{ last.head_seq }}, {{ last.finished_at or '' }})</h2>\
+<p>{{ lm.facts or 0 }} active facts, {{ lm.drifted or 0 }} drifted: {% if lm.healthy %}\
+<span class='ok'>healthy</span>{% else %}<span class='bad'>drift or danger found</span>{% endif %}.</p>
+{% if lm.danger %}<ul>{% for d in lm.danger %}<li class='bad'>{{ d }}</li>{% endfor %}</ul>{% endif %}
+{% if drifted %}
+<table><tr><th>fact</th><th>prompt</th><th>target_new</th><th>P(new)</th><th>rank</th><th>margin drop</th><th>why</th></tr>
+{% for r in drifted %}<tr><td>#{{ r.id }}</td><td class='l'>{{ r.text }}</td><td class='l'>{{ r.target }}</td>\
+<td>{{ num(r.p_new) }}</td><td>{{ num(r.rank, '.0f') }}</td><td>{{ num(r.margin_drop, '.2f') }}</td>\
+<td class='l'>{{ r.why }}</td></tr>
+{% endfor %}</table>
+{% endif %}
+{% else %}
+<p>No audits yet: run <code>knowledger audit</code>.</p>
+{% endif %}
+{% for name, png in charts.items() %}<h2>{{ titles.get(name, name) }}</h2>\
+<img alt='{{ name }}' src='data:image/png;base64,{{ png }}'>
+{% endfor %}
+{% if runs %}
+<h2>Audit runs</h2><table><tr><th>#</th><th>finished</th><th>head seq</th><th>device</th><th>status</th>\
+<th>facts</th><th>drifted</th><th>top-1</th><th>ppl ratio</th><th>max ΔW/W</th></tr>
+{% for r in runs %}<tr><td>{{ r.id }}</td><td class='l'>{{ r.finished_at or '' }}</td><td>{{ r.head_seq }}</td>\
+<td>{{ r.device or '' }}</td><td>{{ r.status }}</td><td>{{ r.metrics.get('facts', '-') }}</td>\
+<td>{{ r.metrics.get('drifted', '-') }}</td><td>{{ num(r.metrics.get('success_rate')) }}</td>\
+<td>{{ num(r.ppl_ratio) }}</td><td>{{ num(r.max_rel) }}</td></tr>
+{% endfor %}</table>
+{% endif %}
+</body></html>
+"""
+
+
 def _page(ws: Workspace, runs: list[dict], ops: list[dict], charts: dict[str, str]) -> str:
-    e = html.escape
+    from jinja2 import Environment
+
     with ws.reading() as s:
         base = repo.current_base_model(s)
         counts = repo.count_requests_by_status(s)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>knowledger report</title>"
-             f"<style>{_CSS}</style></head><body><h1>knowledger: edits and audits</h1>",
-             f"<p>Workspace <code>{e(str(ws.location.where))}</code>; base model "
-             f"<code>{e(base.name_or_path if base else '-')}</code>; {len(ops)} committed operations; facts: "
-             + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + f". Generated {e(iso(utcnow()))}.</p>"]
     done = [r for r in runs if r["status"] == "completed"]
-    if done:
-        last = done[-1]
-        lm = last["metrics"]
-        verdict = ("<span class='ok'>healthy</span>" if lm.get("healthy")
-                   else "<span class='bad'>drift or danger found</span>")
-        parts.append(f"<h2>Latest audit (#{last['id']}, seq {last['head_seq']}, {e(last['finished_at'] or '')})"
-                     f"</h2><p>{lm.get('facts', 0)} active facts, {lm.get('drifted', 0)} drifted: {verdict}.</p>")
-        if lm.get("danger"):
-            parts.append("<ul>" + "".join(f"<li class='bad'>{e(d)}</li>" for d in lm["danger"]) + "</ul>")
+    last = done[-1] if done else None
+    drifted = []
+    if last is not None:
         with ws.reading() as s:
-            drifted = [(r.request_id, r.metrics_json or {}) for r in repo.audit_results(s, last["id"], drifted=True)]
-            texts = {q.id: q for q in repo.requests_by_ids(s, [i for i, _ in drifted])} if drifted else {}
-            rows = [(i, texts[i].prompt.format(texts[i].subject), texts[i].target_new, mj) for i, mj in drifted]
-        if rows:
-            parts.append("<table><tr><th>fact</th><th>prompt</th><th>target_new</th><th>P(new)</th>"
-                         "<th>rank</th><th>margin drop</th><th>why</th></tr>")
-            for i, text, target, mj in rows:
+            found = [(r.request_id, r.metrics_json or {}) for r in repo.audit_results(s, last["id"], drifted=True)]
+            texts = {q.id: q for q in repo.requests_by_ids(s, [i for i, _ in found])} if found else {}
+            for i, mj in found:
                 mm = mj.get("metrics") or {}
-                parts.append(f"<tr><td>#{i}</td><td class='l'>{e(text)}</td><td class='l'>{e(target)}</td>"
-                             f"<td>{_num(mm.get('rewrite_p_new'))}</td><td>{_num(mm.get('rewrite_rank'), '.0f')}</td>"
-                             f"<td>{_num(mj.get('margin_drop'), '.2f')}</td>"
-                             f"<td class='l'>{e('; '.join(mj.get('reasons') or []))}</td></tr>")
-            parts.append("</table>")
-    else:
-        parts.append("<p>No audits yet: run <code>knowledger audit</code>.</p>")
-    titles = dict(success="Edit success", drift="Drift", perplexity="Perplexity", norms="Weight change")
-    for name, png in charts.items():
-        parts.append(f"<h2>{titles.get(name, name)}</h2><img alt='{name}' src='data:image/png;base64,{png}'>")
-    if runs:
-        parts.append("<h2>Audit runs</h2><table><tr><th>#</th><th>finished</th><th>head seq</th><th>device</th>"
-                     "<th>status</th><th>facts</th><th>drifted</th><th>top-1</th><th>ppl ratio</th>"
-                     "<th>max ΔW/W</th></tr>")
-        for r in runs:
-            mj = r["metrics"]
-            h = mj.get("health") or {}
-            rel = [v["delta_rel"] for v in (h.get("layers") or {}).values()]
-            parts.append(f"<tr><td>{r['id']}</td><td class='l'>{e(r['finished_at'] or '')}</td>"
-                         f"<td>{r['head_seq']}</td><td>{e(r['device'] or '')}</td><td>{e(r['status'])}</td>"
-                         f"<td>{mj.get('facts', '-')}</td><td>{mj.get('drifted', '-')}</td>"
-                         f"<td>{_num(mj.get('success_rate'))}</td><td>{_num(h.get('ppl_ratio'))}</td>"
-                         f"<td>{_num(max(rel) if rel else None)}</td></tr>")
-        parts.append("</table>")
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+                drifted.append(dict(id=i, text=texts[i].prompt.format(texts[i].subject), target=texts[i].target_new,
+                                    p_new=mm.get("rewrite_p_new"), rank=mm.get("rewrite_rank"),
+                                    margin_drop=mj.get("margin_drop"), why="; ".join(mj.get("reasons") or [])))
+    table = []
+    for r in runs:
+        h = r["metrics"].get("health") or {}
+        rel = [v["delta_rel"] for v in (h.get("layers") or {}).values()]
+        table.append(dict(r, ppl_ratio=h.get("ppl_ratio"), max_rel=max(rel) if rel else None))
+    env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(_PAGE).render(
+        css=_CSS, where=str(ws.location.where), base=base.name_or_path if base else "-", n_ops=len(ops),
+        counts=", ".join(f"{v} {k}" for k, v in counts.items() if v), now=iso(utcnow()), last=last,
+        lm=(last or {}).get("metrics") or {}, drifted=drifted, charts=charts, runs=table, num=_num,
+        titles=dict(success="Edit success", drift="Drift", perplexity="Perplexity", norms="Weight change"))
 
 
 def write_report(ws: Workspace, out: str | os.PathLike | None = None) -> dict:

@@ -104,11 +104,13 @@ def audit(ws, *, heal: bool = False, device: str | None = None, progress=None):
     return _audit(ws, heal_drift=heal, device=device, progress=progress)
 
 
-def export(ws, out: str | os.PathLike):
-    """Write the live model as a Hugging Face folder with a model card of the active edits."""
+def export(ws, out: str | os.PathLike, *, adapter: bool = False, dtype: str = "auto"):
+    """Write the live model as a Hugging Face folder (in the base checkpoint's dtype, or `dtype`)
+    with a model card, or with adapter=True the active edits as a PEFT LoRA adapter
+    (`knowledger[peft]`); returns agent.export.ExportResult."""
     from knowledger.agent.export import export as _export
 
-    return _export(ws, out)
+    return _export(ws, out, adapter=adapter, dtype=dtype)
 
 
 def edit(model, tokenizer, facts, *, editor: str = "emmet", overrides: dict | None = None,

@@ -10,23 +10,30 @@ from knowledger.cli.main import cli
 
 @cli.command()
 @click.argument("out", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--adapter", is_flag=True,
+              help='Write the active edits as a PEFT LoRA adapter instead of the whole model (needs "knowledger[peft]").')
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="The weights' dtype; auto: the dtype the base checkpoint is stored in.")
 @db_option
 @json_option
-def export(out, db, as_json):
-    """Write the live model as a Hugging Face folder with a model card of the active edits.
+def export(out, adapter, dtype, db, as_json):
+    """Write the live model as a Hugging Face folder with a model card (base model, editors and
+    hyperparameters, the active edits, the last audit), or with --adapter a PEFT LoRA adapter.
 
     Example: knowledger export ./edited-model
     """
     from knowledger.agent.export import export as export_api
 
     with open_workspace(db) as ws:
-        report = export_api(ws, out)
-    notes(report["notes"])
+        result = export_api(ws, out, adapter=adapter, dtype=dtype)
+    notes(result.notes)
     if as_json:
-        echo_json(report)
+        echo_json(result)
         return
-    click.echo(f"Exported the live model (seq {report['head_seq']}, weights "
-               f"{short_sha(report['weights_sha256'])}, {len(report['facts'])} active edits) to {report['path']}")
+    what = (f"the active edits as a LoRA adapter of {len(result.adapter)} module(s)"
+            if result.kind == "adapter" else "the live model")
+    click.echo(f"Exported {what} (seq {result.head_seq}, weights {short_sha(result.weights_sha256)}, "
+               f"{len(result.facts)} active edits, {result.dtype}) to {result.path}")
 
 
 @cli.command()

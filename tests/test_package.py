@@ -37,3 +37,24 @@ def test_a_non_editable_install_imports_from_the_repo_root_and_elsewhere(tmp_pat
                              timeout=120, env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == str(target / "knowledger" / "__init__.py")
+
+
+def test_the_installed_dependencies_satisfy_the_declared_ranges_and_transformers_is_capped():
+    """pyproject's ranges hold for what is installed (CI installs from them), and transformers has
+    an upper bound: the next major after the tested one, so a breaking release is not picked up."""
+    tomllib = pytest.importorskip("tomllib")
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    for req in reqs:
+        try:
+            got = version(req.name)
+        except PackageNotFoundError:
+            pytest.fail(f"{req.name} is declared but not installed")
+        assert req.specifier.contains(got, prereleases=True), f"{req.name} {got} is outside {req.specifier}"
+    [tf] = [r for r in reqs if r.name == "transformers"]
+    caps = [s for s in tf.specifier if s.operator == "<"]
+    assert caps and int(caps[0].version.split(".")[0]) == int(version("transformers").split(".")[0]) + 1

@@ -35,4 +35,5 @@ def test_the_examples_run(tmp_path, tiny_dir, corpus, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "no fact #999" in out
     assert (tmp_path / "edited-model" / "config.json").is_file()
+    assert (tmp_path / "edits-adapter" / "adapter_config.json").is_file() and namespace["lora"].kind == "adapter"
     assert namespace["done"].facts[0]["metrics"]["rewrite_acc"] == 1.0

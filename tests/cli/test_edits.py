@@ -95,7 +95,7 @@ def test_replay_exits_non_zero_on_a_mismatch(applied):
 
 def test_export_and_ask(applied, tmp_path):
     r = ok("export", tmp_path / "out", db=applied)
-    assert scrub(r.stdout) == (f"Exported the live model (seq 1, weights HASH, 2 active edits) to "
+    assert scrub(r.stdout) == (f"Exported the live model (seq 1, weights HASH, 2 active edits, float32) to "
                                f"{tmp_path / 'out'}\n")
     assert (tmp_path / "out" / "model.safetensors").is_file()
     r = ok("ask", "Home of Bob", "--max-new-tokens", "1", db=applied)
