@@ -27,7 +27,7 @@ from knowledger.agent.session import session
 from knowledger.agent.workspace import Workspace
 from knowledger.editors.progress import Progress, report
 from knowledger.ledger import repository as repo
-from knowledger.ledger.models import RequestStatus
+from knowledger.ledger.models import OperationKind, RequestStatus
 
 
 def plan_pending(ws: Workspace, *, batch_size: int | None = None, editor: str = "auto",
@@ -81,6 +81,18 @@ def mark_done(s, index: int) -> None:
     recorded = repo.get_setting(s, PLAN_KEY) or {}
     batches = [dict(b, done=b["done"] or b["index"] == index) for b in recorded.get("batches", [])]
     repo.set_setting(s, PLAN_KEY, None if all(b["done"] for b in batches) else dict(batches=batches))
+
+
+def consolidation_due(ws: Workspace) -> int:
+    """Facts applied since the last consolidation when `consolidate_every` says one is due, else 0."""
+    with ws.reading() as s:
+        every = EditSettings.load(s).consolidate_every
+        base = repo.current_base_model(s)
+        if not every or base is None:
+            return 0
+        n = len({req.id for op, _, req in repo.active_fact_links(s, base.id)
+                 if op.kind != OperationKind.consolidate})
+    return n if n >= every else 0
 
 
 def workspace_history(s) -> History:
@@ -149,6 +161,17 @@ def apply_pending(ws: Workspace, *, batch_size: int | None = None, editor: str =
         result = ApplyResult(dry_run=False, plan=p.as_dict(facts), settings_changes=changes,
                              operations=ops, notes=es.notes, weights_sha256=es.live.state_hash,
                              head_seq=es.head_seq)
+    if any(op.status == "committed" for op in ops) and consolidation_due(ws):
+        from knowledger.agent.consolidate import consolidate_workspace
+
+        try:
+            done = consolidate_workspace(ws, wait=wait, progress=progress)
+            result = replace(result, consolidation=done, weights_sha256=done.weights_sha256,
+                             head_seq=done.head_seq,
+                             notes=result.notes + [f"consolidate_every: consolidated as operation seq "
+                                                   f"{done.operations[0].seq}"])
+        except KnowledgerError as e:
+            result = replace(result, notes=result.notes + [f"the scheduled consolidation was refused: {e}"])
     if audit == "due" and any(op.status == "committed" for op in ops):
         from knowledger.agent.audit import audit_if_due
 

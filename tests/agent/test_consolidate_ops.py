@@ -67,3 +67,19 @@ def test_cli_consolidate(ws, corpus):
     out = json.loads(ok("consolidate", "--json", db=ws).stdout)
     assert [o["kind"] for o in out["operations"]] == ["consolidate"]
     assert "consolidate" in ok("consolidate", "--help").stdout
+
+
+def test_apply_consolidates_on_the_consolidate_every_rule(ws, corpus):
+    from knowledger.agent.config import set_value
+
+    submit(ws, *GOOD[0])
+    assert apply(ws, corpus)["consolidation"] is None  # off by default
+    call(set_value, ws, key="consolidate_every", raw="2")
+    submit(ws, *GOOD[1])
+    r = apply(ws, corpus)  # 2 facts applied since the (never made) last consolidation: due
+    assert [o["kind"] for o in r["consolidation"]["operations"]] == ["consolidate"]
+    assert r["weights_sha256"] == r["consolidation"]["weights_sha256"] and r["head_seq"] == 3
+    assert any(n.startswith("consolidate_every: consolidated") for n in r["notes"])
+    submit(ws, *GOOD[2])
+    assert apply(ws, corpus)["consolidation"] is None  # 1 fact since the consolidation: not yet
+    assert call(ops.replay, ws)["mismatches"] == []
