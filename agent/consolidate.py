@@ -155,6 +155,7 @@ def resolve_recorded(keys: dict[int, torch.Tensor], values: dict[int, torch.Tens
 # the workspace's hyperparameters). A fact that was top-1 before and is not after refuses the whole
 # consolidation (nothing written). PMET facts are treated the same way (their z is read at L's
 # block output, which is what the live weights produce); MALMEN operations are refused.
+CHUNK = 256  # facts per key pass
 EXACT = 1e-3  # λ scale: near the equality-constrained (EMMET-like) solve, so every target is written
 
 
@@ -195,13 +196,15 @@ def consolidate_workspace(ws, *, wait: bool = False, progress=None):
         editor = es.editor("memit", hp)
         reqs = edit_requests(rows)
         before = fact_metrics(live.model, live.tokenizer, reqs)
-        _, z = editor._keys_and_current(reqs, hp.v_layer, editor.contexts)  # (N, d) on the live weights
+        z = torch.cat([editor._keys_and_current(reqs[i:i + CHUNK], hp.v_layer, editor.contexts)[1]
+                       for i in range(0, len(reqs), CHUNK)])  # (N, d): layer L's output on the live weights
         old_hash, old_head = live.state_hash, es.head_seq
         live.set_active([])  # the base weights in place
         found: dict = {}
         deltas = consolidate(live.model, editor.spec, reqs, z, layers=editor.layers, keys=editor_keys(editor),
                              second_moments=editor.second_moments, lam=hp.mom2_weight * EXACT,
-                             distribution=editor.distribution, progress=progress, record=found)
+                             distribution=editor.distribution, chunk=CHUNK, progress=progress,
+                             record=found)
         new = LiveModel(live.lm, None, live.base_sha256)
         es.start_lineage(new)
         seq, h_before = es.take_seq(), new.state_hash

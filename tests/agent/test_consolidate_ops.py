@@ -83,3 +83,16 @@ def test_apply_consolidates_on_the_consolidate_every_rule(ws, corpus):
     submit(ws, *GOOD[2])
     assert apply(ws, corpus)["consolidation"] is None  # 1 fact since the consolidation: not yet
     assert call(ops.replay, ws)["mismatches"] == []
+
+
+def test_a_consolidation_that_would_lose_a_fact_writes_nothing(ws, corpus, monkeypatch):
+    import knowledger.agent.consolidate as co
+
+    submit(ws, *GOOD[0]), submit(ws, *GOOD[1])
+    head = apply(ws, corpus)["weights_sha256"]
+    monkeypatch.setattr(co, "EXACT", 1.0)  # the full λ: the least-squares solve leaves these facts short
+    with pytest.raises(KnowledgerError, match=r"would lose fact\(s\) #1, #2 .*nothing written"):
+        call(consolidate_workspace, ws)
+    assert [o.seq for o in rows(ws, Operation)] == [1] and len(rows(ws, BaseModel)) == 1
+    rep = call(ops.replay, ws)
+    assert rep["mismatches"] == [] and rep["weights_sha256"] == head
