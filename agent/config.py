@@ -63,6 +63,9 @@ def _knobs() -> dict[str, Knob]:
         Knob("malmen_min_batch", int, edit.malmen_min_batch, 0,
              "editor auto: MALMEN for batches of this many facts or more, once a hyper-network is "
              "registered (knowledger hypernet add); 0: never (the default, docs/benchmarks.md)"),
+        Knob("consolidate_every", int, edit.consolidate_every, 0,
+             "apply runs knowledger consolidate once this many facts were applied since the last "
+             "consolidation (0: never, the default)"),
         Knob("audit_every", int, audit.audit_every, 0,
              "apply runs an audit after this many new apply/redo operations (0: never)"),
         Knob("audit_margin_drop", float, audit.audit_margin_drop, 0.0,

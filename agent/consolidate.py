@@ -78,12 +78,15 @@ def solve_sums(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, lam: float, al
 
 def consolidate(model, spec, requests: Sequence, targets: torch.Tensor, *, layers: Sequence[int],
                 keys: KeyFn, second_moments: dict[int, torch.Tensor], lam: float, alpha: float = 0.0,
-                distribution=None, chunk: int = 256, progress=None) -> list[LayerDelta]:
+                distribution=None, chunk: int = 256, progress=None,
+                record: dict | None = None) -> list[LayerDelta]:
     """Per-layer deltas re-solving all `requests` jointly against the model's current weights,
     which must be the BASE weights at `layers` (the caller loads them). The model is restored.
 
     targets  # (N, d): z per fact, row i for requests[i] (the ledger's recorded target)
     distribution: an editors.distribute Distribution (default: MEMIT's uniform spread)
+    record: if given, filled with {layer: (K (d_in, N), V (d, N))}: the keys and the values
+    W₀K + R the solve used (what an operation records as request_vectors)
     """
     from knowledger.editors.distribute import get_distribution
 
@@ -109,6 +112,10 @@ def consolidate(model, spec, requests: Sequence, targets: torch.Tensor, *, layer
                     B = torch.zeros(R.shape[0], K.shape[0], dtype=torch.float64)
                 A.addmm_(K, K.T)  # (d_in, d_in)
                 B.addmm_(R, K.T)  # (d, d_in)
+                if record is not None:
+                    W = spec.to_math(spec.edited_weight(model, layer)).detach().double()  # (d, d_in)
+                    Ks, Vs = record.setdefault(layer, ([], []))
+                    Ks.append(K.float()), Vs.append((W @ K + R).float())
                 if progress is not None:
                     progress(f"consolidate layer {layer}", min(s + chunk, len(requests)), len(requests))
             dW = solve_sums(A, B, second_moments[layer], lam, alpha)  # (d, d_in)
@@ -117,6 +124,9 @@ def consolidate(model, spec, requests: Sequence, targets: torch.Tensor, *, layer
             apply_deltas(model, spec, [delta])  # temporarily: the next layer's keys see it
     finally:
         restore_params(model, saved)
+    if record is not None:
+        for layer, (Ks, Vs) in list(record.items()):
+            record[layer] = (torch.cat(Ks, 1), torch.cat(Vs, 1))  # (d_in, N), (d, N)
     return deltas
 
 
@@ -136,3 +146,91 @@ def resolve_recorded(keys: dict[int, torch.Tensor], values: dict[int, torch.Tens
         dW = solve_sums(A, (V - W0 @ K) @ K.T, Cl, lam, alpha, jitter=0.0)
         out.append(_factored(l, params[l], dW))
     return out
+
+
+# --- the operation: `knowledger consolidate` -------------------------------------------------------
+# Targets. The ledger records per fact and layer (k, W k + R), not z itself, so the operation takes
+# each active fact's z from the LIVE weights, where the fact holds: layer L's output at the bare
+# prompt. The joint solve then writes all of them at once on the base weights (MEMIT's solve with
+# the workspace's hyperparameters). A fact that was top-1 before and is not after refuses the whole
+# consolidation (nothing written). PMET facts are treated the same way (their z is read at L's
+# block output, which is what the live weights produce); MALMEN operations are refused.
+CHUNK = 256  # facts per key pass
+EXACT = 1e-3  # λ scale: near the equality-constrained (EMMET-like) solve, so every target is written
+
+
+def consolidate_workspace(ws, *, wait: bool = False, progress=None):
+    """Re-solve every active fact jointly against the base weights as ONE `consolidate` operation
+    of a new lineage (a new base_models row for the same weights; nothing deleted). Returns an
+    agent.records.OperationsResult."""
+    import time
+
+    from knowledger.agent import recipes
+    from knowledger.agent.batch import CRITERION, _norm_growth
+    from knowledger.agent.errors import KnowledgerError, NothingToDo
+    from knowledger.agent.jsonutil import json_safe
+    from knowledger.agent.live import ActiveDelta, LiveModel, factors_from_delta, stored_delta
+    from knowledger.agent.records import FactOutcome, OpRecord, clean_outcome, edit_requests
+    from knowledger.agent.session import session
+    from knowledger.editors.evaluate import aggregate, fact_metrics
+    from knowledger.editors.methods import closed_form_names
+    from knowledger.ledger import repository as repo
+    from knowledger.ledger.models import OperationKind, RequestOutcome, RequestStatus
+
+    with session(ws, what="consolidate", wait=wait, progress=progress) as es:
+        live = es.live
+        with ws.reading() as s:
+            base = repo.current_base_model(s)
+            active = repo.active_operations(s, base.id)
+            odd = [op for op in active if op.editor is not None and op.editor not in closed_form_names()]
+            if odd:
+                raise KnowledgerError(f"operation seq {odd[0].seq} was made by {odd[0].editor}: consolidation "
+                                      f"re-solves closed-form edits only (undo it first, or keep the history)")
+            rows = [req for _, req in repo.active_facts(s, base.id)]
+            new_base = dict(name_or_path=base.name_or_path, architecture=base.architecture,
+                            weights_sha256=base.weights_sha256, config=base.config_json)
+        if not rows:
+            raise NothingToDo("nothing to consolidate: no applied fact is in the live weights")
+        t0 = time.perf_counter()
+        hp = es.hparams()
+        editor = es.editor("memit", hp)
+        reqs = edit_requests(rows)
+        before = fact_metrics(live.model, live.tokenizer, reqs)
+        z = torch.cat([editor._keys_and_current(reqs[i:i + CHUNK], hp.v_layer, editor.contexts)[1]
+                       for i in range(0, len(reqs), CHUNK)])  # (N, d): layer L's output on the live weights
+        old_hash, old_head = live.state_hash, es.head_seq
+        live.set_active([])  # the base weights in place
+        found: dict = {}
+        deltas = consolidate(live.model, editor.spec, reqs, z, layers=editor.layers, keys=editor_keys(editor),
+                             second_moments=editor.second_moments, lam=hp.mom2_weight * EXACT,
+                             distribution=editor.distribution, chunk=CHUNK, progress=progress,
+                             record=found)
+        new = LiveModel(live.lm, None, live.base_sha256)
+        es.start_lineage(new)
+        seq, h_before = es.take_seq(), new.state_hash
+        stored = [stored_delta(d) for d in deltas]
+        new.set_active([ActiveDelta(seq, -1, d) for d in stored])
+        after = fact_metrics(new.model, new.tokenizer, reqs)
+        lost = [r.id for r, b, a in zip(reqs, before, after)
+                if b.get(CRITERION, 0.0) >= 1.0 and a.get(CRITERION, 0.0) < 1.0]
+        if lost:
+            raise KnowledgerError(f"consolidation would lose fact(s) {', '.join(f'#{i}' for i in lost)} "
+                                  f"(no longer top-1): nothing written")
+        recipe = recipes.recipe_of("memit", hp, editor)
+        rec = OpRecord(seq=seq, kind=OperationKind.consolidate, base_model_id=None, editor="memit",
+                       distribution=recipe.distribution, hparams=recipe.hparams, before=h_before,
+                       after=new.state_hash, deltas=[factors_from_delta(d) for d in stored])
+        for layer, (K, V) in found.items():  # (d_in, N), (d, N)
+            for j, r in enumerate(reqs):
+                rec.vectors.append(repo.FactVectors(r.id, layer, K[:, j].numpy(), V[:, j].numpy()))
+        rec.facts = [clean_outcome(FactOutcome(r.id, RequestOutcome.applied, RequestStatus.applied,
+                                               f"consolidated (operation seq {seq})", dict(before=b, after=a)))
+                     for r, b, a in zip(reqs, before, after)]
+        es.track(rec)
+        rec.timings = dict(total_s=time.perf_counter() - t0)
+        rec.metrics = json_safe(dict(criterion=CRITERION, facts=len(reqs), consolidated_seq=old_head,
+                                     consolidated_sha256=old_hash, operations=[op.seq for op in active],
+                                     before=aggregate(before), after=aggregate(after),
+                                     norm_growth=_norm_growth(es)))
+        es.commit([rec], new_base=new_base)
+        return es.result([rec])

@@ -118,6 +118,7 @@ class ApplyResult:
     weights_sha256: str | None = None
     head_seq: int | None = None
     audit: dict | None = None  # the periodic audit's report (agent.audit) when one was due
+    consolidation: OperationsResult | None = None  # the scheduled one (consolidate_every) when due
 
     @property
     def applied_any(self) -> bool:

@@ -85,6 +85,7 @@ class EditSettings:
     stats_tokens: int | None = None  # None: the hyperparameters' stats_tokens
     hparams_preset: str | None = None  # None: the model family's preset
     hparams_overrides: dict[str, Any] = field(default_factory=dict)
+    consolidate_every: int = 0  # apply consolidates once this many facts were applied since (0: off)
 
     @classmethod
     def load(cls, session) -> EditSettings:

@@ -99,8 +99,10 @@ class EditSession:
         return batch.undo_records(self, target, fact, applied, later)
 
     # --- writing -------------------------------------------------------------------------------------
-    def commit(self, records: list[OpRecord], *, new_base: dict | None = None) -> None:
-        """Write records in one transaction, then the snapshot (see the module docstring)."""
+    def commit(self, records: list[OpRecord], *, new_base: dict | None = None,
+               also=None) -> None:
+        """Write records in one transaction, then the snapshot (see the module docstring).
+        `also(session)`: more writes of the caller's, in the same transaction (apply's plan)."""
         fault_point("after-compute")
         ids: dict[int, int] = {}
         with self.ws.writing() as s:
@@ -128,6 +130,8 @@ class EditSession:
             changed = [r.seq for r in records if r.after is not None and r.status == OperationStatus.committed]
             if changed:  # the memory of the live weights, stamped with the new head, same transaction
                 amem.save(s, base_id or self.live.base_model_id, self.memory(), max(changed))
+            if also is not None:
+                also(s)
         fault_point("after-ledger-commit-before-snapshot")
         live = self.live
         if base_id is not None:

@@ -41,7 +41,7 @@ def check_delta_op(op, base_model_id: int, verb: str) -> None:
     """Refuse an operation that carries no delta, changed nothing, or is of another base model."""
     if op.kind not in repo.DELTA_KINDS:
         raise KnowledgerError(f"operation seq {op.seq} is an {op.kind.value} operation: only apply, "
-                              f"redo, replay and heal operations can be {verb}ne")
+                              f"redo, replay, heal and consolidate operations can be {verb}ne")
     if op.status != OperationStatus.committed:
         raise KnowledgerError(f"operation seq {op.seq} {op.status.value}: it changed no weights")
     if op.base_model_id != base_model_id:
@@ -99,6 +99,10 @@ def undo(ws: Workspace, *, fact_id: int | None = None, seq: int | None = None, r
                     raise KnowledgerError(f"fact #{fact_id} is applied but no active operation holds it "
                                           f"(run knowledger replay)")
                 target = held[-1]
+                if target.kind == OperationKind.consolidate:
+                    raise KnowledgerError(f"fact #{fact_id} is held by consolidation seq {target.seq}: undoing "
+                                          f"one fact of a consolidation is not supported yet (undo --op "
+                                          f"{target.seq} undoes the whole consolidation)")
             else:
                 target = _undoable_op(s, base_id, seq)
             if target.kind != HEAL:

@@ -185,3 +185,28 @@ def replay(ctx, to_seq, recompute, model, device, wait, db, as_json):
                    f"mismatches; weights {short_sha(result.weights_sha256)} at seq {result.head_seq}.")
     if not recompute and result.mismatches:
         ctx.exit(1)
+
+
+@cli.command()
+@wait_option
+@db_option
+@json_option
+def consolidate(wait, db, as_json):
+    """Re-solve every active fact jointly against the base weights, as ONE operation.
+
+    A new lineage (nothing deleted): the facts' edits become this operation's deltas, solved
+    together on the unedited model (MEMIT's layer loop near its equality limit). Refused, with
+    nothing written, if a fact would stop being top-1. `undo --op SEQ` undoes it whole.
+
+    Example: knowledger consolidate --json
+    """
+    from knowledger.agent.consolidate import consolidate_workspace
+
+    with open_workspace(db) as ws:
+        result = consolidate_workspace(ws, wait=wait, progress=progress())
+    notes(result.notes)
+    if as_json:
+        echo_json(result)
+        return
+    print_operations(result.operations)
+    print_head(result)

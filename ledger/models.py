@@ -60,6 +60,7 @@ class OperationKind(str, enum.Enum):
     redo = "redo"
     replay = "replay"
     heal = "heal"
+    consolidate = "consolidate"  # every active fact re-solved jointly on the base (a new lineage)
 
 
 class OperationStatus(str, enum.Enum):

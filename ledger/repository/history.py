@@ -16,7 +16,8 @@ from knowledger.ledger.repository.operations import FactVectors
 # An operation of these kinds carries deltas; it is *active* while it is committed, belongs to the
 # current base model and no committed undo targets it. The live weights are a pure function of the
 # active set (see knowledger.agent.live); undo adds an undo row, it never edits the target.
-DELTA_KINDS = (OperationKind.apply, OperationKind.redo, OperationKind.replay, OperationKind.heal)
+DELTA_KINDS = (OperationKind.apply, OperationKind.redo, OperationKind.replay, OperationKind.heal,
+               OperationKind.consolidate)
 
 
 def get_operation_by_seq(session: Session, seq: int) -> Operation:

@@ -99,3 +99,36 @@ def test_a_killed_undo_leaves_a_consistent_workspace(one_applied, corpus, point)
         assert [status(db, i) for i in (2, 3)] == ["reverted", "applied"]
         assert rebuilt(call(ask, db, prompt="x")["notes"])
     assert call(ops.replay, db)["mismatches"] == []
+
+
+def test_a_resumed_apply_continues_its_recorded_plan(ws, corpus, tiny_dir, tmp_path):
+    """Killed after the first batch's commit, the next apply continues the recorded plan: the same
+    editors per batch and the same final weights as an uninterrupted apply of the same facts, although
+    a fresh plan would now switch to the lifelong editor (the first batch's drift is past the threshold)."""
+    from knowledger.agent.apply import PLAN_KEY, workspace_history
+    from knowledger.agent.config import set_value
+    from knowledger.agent.workspace import init_workspace, open_workspace
+    from knowledger.ledger import repository as repo
+
+    ref = tmp_path / "uninterrupted"
+    init_workspace(ref, str(tiny_dir)).workspace.close()
+    for db in (ws, ref):
+        for fact in GOOD[:3]:
+            submit(db, *fact)
+        call(set_value, db, key="lifelong_norm_growth", raw="1e-9")
+    want = apply(ref, corpus, batch_size=1)
+    assert [o["editor"] for o in want["operations"]] == ["emmet"] * 3
+
+    killed_at("after-ledger-commit-before-snapshot@1", *apply_args(corpus), "--batch-size", "1", db=ws)
+    assert committed(ws) == [(1, "apply", "committed")]
+    with open_workspace(ws) as w, w.reading() as s:
+        assert workspace_history(s).norm_growth > 1e-9  # a new plan would pick the lifelong editor
+        assert [b["done"] for b in repo.get_setting(s, PLAN_KEY)["batches"]] == [True, False, False]
+    got = apply(ws, corpus, batch_size=1)
+    assert [o["editor"] for o in got["operations"]] == ["emmet"] * 2
+    assert [o["applied"] for o in got["operations"]] == [[2], [3]]
+    assert got["weights_sha256"] == want["weights_sha256"]
+    assert any(n.startswith("continuing the plan of a stopped apply") for n in got["notes"]), got["notes"]
+    with open_workspace(ws) as w, w.reading() as s:
+        assert repo.get_setting(s, PLAN_KEY) is None  # the finished plan's record is cleared
+    assert call(ops.replay, ws)["mismatches"] == []

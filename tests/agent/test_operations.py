@@ -175,7 +175,7 @@ def test_redo_of_one_fact_of_a_larger_batch_recomputes_it_alone(ws, corpus):
     (lambda db: call(ops.undo, db, fact_id=2), "fact #2 is already reverted"),
     (lambda db: call(ops.undo, db, fact_id=3), "fact #3 is pending, not applied: nothing to undo"),
     (lambda db: call(ops.undo, db, seq=1), "operation seq 1 is already undone"),
-    (lambda db: call(ops.undo, db, seq=2), "operation seq 2 is an undo operation: only apply, redo, replay and heal operations can be undone"),
+    (lambda db: call(ops.undo, db, seq=2), "operation seq 2 is an undo operation: only apply, redo, replay, heal and consolidate operations can be undone"),
     (lambda db: call(ops.undo, db, seq=42), "no operation with seq 42"),
     (lambda db: call(ops.undo, db), "give either a fact id or --op SEQ"),
     (lambda db: call(ops.redo, db, fact_id=1), "fact #1 is applied, not reverted: nothing to redo"),
