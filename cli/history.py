@@ -83,18 +83,23 @@ def _print_apply(result) -> None:
         print_audit(result.audit)
 
 
-def _run_on_target(api, db, as_json, fact_id, seq, **kw) -> None:
-    """undo/redo: one target, the API call under the workspace, then the result."""
-    if (fact_id is None) == (seq is None):
-        raise click.UsageError("give a fact ID or --op SEQ (not both)")
-    with open_workspace(db) as ws:
-        result = api(ws, fact_id=fact_id, seq=seq, progress=progress(), **kw)
+def _show_operations(result, as_json: bool) -> None:
+    """undo/redo/consolidate: the notes, then the result as JSON or as operation lines + head."""
     notes(result.notes)
     if as_json:
         echo_json(result)
         return
     print_operations(result.operations)
     print_head(result)
+
+
+def _run_on_target(api, db, as_json, fact_id, seq, **kw) -> None:
+    """undo/redo: one target, the API call under the workspace, then the result."""
+    if (fact_id is None) == (seq is None):
+        raise click.UsageError("give a fact ID or --op SEQ (not both)")
+    with open_workspace(db) as ws:
+        result = api(ws, fact_id=fact_id, seq=seq, progress=progress(), **kw)
+    _show_operations(result, as_json)
 
 
 def _target_options(f):
@@ -204,9 +209,4 @@ def consolidate(wait, db, as_json):
 
     with open_workspace(db) as ws:
         result = consolidate_workspace(ws, wait=wait, progress=progress())
-    notes(result.notes)
-    if as_json:
-        echo_json(result)
-        return
-    print_operations(result.operations)
-    print_head(result)
+    _show_operations(result, as_json)
