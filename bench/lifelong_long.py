@@ -16,7 +16,9 @@ an uninterrupted run: tests/bench/test_lifelong_long.py.
 
 Curves every --curve-every edits: CounterFact success AND top-1 over a fixed sample of the facts
 edited so far (--eval-sample, seeded), perplexity on held-out WikiText vs the base, ‖ΔW‖/‖W‖ per
-edited layer, and seconds per fact.
+edited layer, generation entropy (--entropy-prompts, ROME's fluency measure) and seconds per
+fact. `--editor none` edits nothing and evaluates the unedited model on the same samples at the
+same points: the baseline row (the neighbourhood target is "unedited − 0.05").
 """
 from __future__ import annotations
 
@@ -50,9 +52,11 @@ class Stream:
 
     @property
     def layers(self):
-        return self.editor.layers
+        return self.editor.layers if self.editor is not None else ()
 
     def step(self, model, batch) -> dict:
+        if self.name == "none":
+            return {}
         if self.name == "ultraedit":
             res = self.editor.compute(batch)
             apply_deltas(model, self.editor.spec, res.deltas)
@@ -64,6 +68,8 @@ class Stream:
         return res.timings
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        if self.name == "none":
+            return {"none": torch.zeros(1)}
         if self.name == "ultraedit":
             return {f"stats.{k}": v for k, v in self.editor.state.to_tensors().items()}
         out = {f"memory.{l}": s for l, s in self.memory.sums.items()}
@@ -71,6 +77,8 @@ class Stream:
         return out
 
     def load_state(self, t: dict[str, torch.Tensor]) -> None:
+        if self.name == "none":
+            return
         if self.name == "ultraedit":
             from knowledger.editors.lifelong_norm import LifelongStats
 
@@ -116,7 +124,7 @@ def _resume(out: Path, config: dict, model, spec, stream: Stream) -> dict | None
 
 def run(model, tokenizer, spec, requests, stream: Stream, out: Path, config: dict, *,
         checkpoint_every: int = 10, curve_every: int = 1000, eval_sample: int = 500,
-        perplexity_fn=None, stop_after: int | None = None, log=print) -> dict:
+        perplexity_fn=None, entropy_fn=None, stop_after: int | None = None, log=print) -> dict:
     """Edit `requests` in batches of config["batch"] from where `out` stopped; returns progress.
 
     stop_after: end (after a checkpoint) once this many batches ran in this call: a working day.
@@ -158,6 +166,8 @@ def run(model, tokenizer, spec, requests, stream: Stream, out: Path, config: dic
             if perplexity_fn:
                 point["perplexity"] = perplexity_fn(model)
                 point["perplexity_ratio"] = point["perplexity"] / progress["perplexity_base"]
+            if entropy_fn:
+                point["generation_entropy"] = entropy_fn(model)
             progress["curve"].append(point)
             log(json.dumps(dict(edits=done, **{k: round(v, 4) for k, v in point["metrics"].items()})))
         ran += 1
@@ -181,6 +191,8 @@ def main() -> None:
     ap.add_argument("--curve-every", type=int, default=1000)
     ap.add_argument("--eval-sample", type=int, default=500)
     ap.add_argument("--heldout", type=int, default=4096)
+    ap.add_argument("--entropy-prompts", type=int, default=50,
+                    help="generation entropy over the rewrite prompts of the first N facts (0: off)")
     ap.add_argument("--stop-after", type=int, default=None)
     ap.add_argument("--hparams", default="{}", help="JSON overrides of the editor's hyperparameters")
     a = ap.parse_args()
@@ -201,12 +213,21 @@ def main() -> None:
         chunks = heldout_chunks(Corpus.from_path(DATA / "corpus" / "wiki.test.raw"), lm.tokenizer, a.heldout,
                                 skip_tokens=100_000)
         ppl = lambda m: perplexity(m, lm.tokenizer, chunks)  # noqa: E731
+    ent = None
+    if a.entropy_prompts:
+        from knowledger.editors.health import generation_entropy
+
+        prompts = [r.text for r in reqs[: a.entropy_prompts]]
+        ent = lambda m: generation_entropy(m, lm.tokenizer, prompts)  # noqa: E731
     run(lm.model, lm.tokenizer, lm.spec, reqs, stream, Path(a.out), config, checkpoint_every=a.checkpoint_every,
-        curve_every=a.curve_every, eval_sample=a.eval_sample, perplexity_fn=ppl, stop_after=a.stop_after,
+        curve_every=a.curve_every, eval_sample=a.eval_sample, perplexity_fn=ppl, entropy_fn=ent,
+        stop_after=a.stop_after,
         log=lambda s: print(s, flush=True))
 
 
 def make_stream(lm, name: str, overrides: dict) -> Stream:
+    if name == "none":
+        return Stream(name, None)
     if name == "ultraedit":
         from knowledger.editors.ultraedit import UltraEditor, preset_for
 
@@ -220,7 +241,7 @@ def make_stream(lm, name: str, overrides: dict) -> Stream:
 
 
 def stream_hparams(stream: Stream) -> dict:
-    return stream.editor.hp.to_dict()
+    return stream.editor.hp.to_dict() if stream.editor is not None else {}
 
 
 if __name__ == "__main__":

@@ -55,3 +55,15 @@ def test_resume_refuses_a_tampered_state_or_another_config(tmp_path):
     model, stream = _fresh()
     with pytest.raises(ResumeMismatch, match="config"):
         run(model, TOK, stream.editor.spec, FACTS, stream, tmp_path, dict(CONFIG, batch=3), log=lambda s: None)
+
+
+def test_the_unedited_row_evaluates_the_same_points_and_changes_nothing(tmp_path):
+    model, stream = _fresh()
+    before = [weight_sha256(model.get_parameter(stream.editor.spec.weight_name(l))) for l in stream.layers]
+    calls = []
+    progress = run(model, TOK, stream.editor.spec, FACTS, Stream("none", None), tmp_path, dict(CONFIG, editor="none"),
+                   checkpoint_every=1, curve_every=4, eval_sample=8, log=lambda s: None,
+                   entropy_fn=lambda m: calls.append(1) or 1.5)
+    assert [p["edits"] for p in progress["curve"]] == [4, 8]
+    assert all(p["generation_entropy"] == 1.5 for p in progress["curve"]) and len(calls) == 2
+    assert _sha(model, stream) == before
