@@ -67,3 +67,14 @@ def test_the_unedited_row_evaluates_the_same_points_and_changes_nothing(tmp_path
     assert [p["edits"] for p in progress["curve"]] == [4, 8]
     assert all(p["generation_entropy"] == 1.5 for p in progress["curve"]) and len(calls) == 2
     assert _sha(model, stream) == before
+
+
+def test_the_report_reads_a_partial_run(tmp_path):
+    from bench.lifelong_report import load, plot, table
+
+    _go(tmp_path / "run", stop_after=3)  # 3 of 4 batches: partial, one curve point (at 4 edits)
+    r = load(tmp_path / "run")
+    assert (r["edits_done"], r["n"], [p["edits"] for p in r["curve"]]) == (6, 8, [4])
+    assert "6 / 8" in table([r]).splitlines()[2]
+    plot([r], tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0
