@@ -16,11 +16,13 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from knowledger.agent import lifelong as alife
 from knowledger.agent import recipes
 from knowledger.agent.jsonutil import json_safe
 from knowledger.agent.live import ActiveDelta, delta_from_factors, factors_from_delta, stored_delta
 from knowledger.agent.records import FactOutcome, OpRecord, clean_outcome, edit_requests
 from knowledger.editors.editor import LIFELONG
+from knowledger.editors.methods import lifelong_stats_names
 from knowledger.editors.evaluate import aggregate, fact_metrics
 from knowledger.ledger import repository as repo
 from knowledger.ledger.models import (OperationKind, OperationStatus, Request, RequestOutcome,
@@ -50,6 +52,9 @@ def edit_batch(es: EditSession, rows: list[Request], method: str, hp, *,
     start, h_before = list(live.active), live.state_hash
     before = fact_metrics(live.model, live.tokenizer, reqs)
     editor = es.editor(method, hp)
+    normalised = method in lifelong_stats_names()  # UltraEdit: the lineage's statistics (agent.lifelong)
+    if normalised:
+        editor.state = es.lifelong()
     eval_s = time.perf_counter() - t0
     failed: dict[int, tuple[str, dict]] = {}
     todo, attempts, result, after = list(reqs), 0, None, []
@@ -106,6 +111,8 @@ def edit_batch(es: EditSession, rows: list[Request], method: str, hp, *,
     else:
         rec.after = live.state_hash
         rec.deltas = [factors_from_delta(d) for d in result.deltas]
+        if normalised:  # the moments of the batch as finally applied (the retry's, if it retried)
+            rec.lifelong_batch = alife.to_stored(editor.last_step.batch.layers)
         for layer, K in result.keys.items():  # (d_in, n), (d_out, n): one column per fact
             V = result.values[layer]
             for j, r in enumerate(todo):
@@ -129,6 +136,8 @@ def reuse_record(es: EditSession, op, rows: list[Request], factors: list[repo.De
     """Redo with an undone operation's recorded deltas, verbatim (metrics recorded, not checked)."""
     t0, live = time.perf_counter(), es.live
     before = live.state_hash
+    with es.ws.reading() as s:  # UltraEdit: the redone batch's moments come back with its deltas
+        moments = repo.operation_lifelong(s, op.id, repo.BATCH)
     seq = es.take_seq()
     live.set_active(live.active + [ActiveDelta(seq, -1, delta_from_factors(f)) for f in factors])
     after = fact_metrics(live.model, live.tokenizer, edit_requests(rows))
@@ -137,7 +146,7 @@ def reuse_record(es: EditSession, op, rows: list[Request], factors: list[repo.De
         seq=seq, kind=OperationKind.redo, base_model_id=live.base_model_id,
         target_operation_id=op.id, editor=op.editor, distribution=op.distribution,
         hparams=op.hparams_json, artifact_id=op.artifact_id, deltas=factors, before=before,
-        after=live.state_hash,
+        after=live.state_hash, lifelong_batch=moments,
         vectors=[v for v in vectors if v.request_id in ids],
         facts=[clean_outcome(FactOutcome(r.id, RequestOutcome.applied, RequestStatus.applied,
                                          f"redone with the deltas of operation seq {op.seq}",

@@ -159,16 +159,19 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
         for b, batch in enumerate(batches, 1):
             method, reason = choose_editor(len(batch), editor, settings.auto_memit_min_batch,
                                            History(done, growth), settings)
-            res = get(method).compute(batch, memory=memory)
+            ed = get(method)
+            res = ed.compute(batch, memory=memory)
             t = time.perf_counter()
             apply_result(lm, res)
             if sequential:
                 memory.add({l: K for l, K in res.keys.items()})
+                if getattr(ed, "last_step", None) is not None:  # UltraEdit: the applied batch's statistics
+                    ed.advance(ed.last_step)
             phases["apply_s"] += time.perf_counter() - t
             for k, v in res.timings.items():  # MALMEN's phases: cache_s, hypernet_s, solve_s
                 if k.endswith("_s") and k != "total_s":
                     phases[k] = phases.get(k, 0.0) + v
-            converged += sum(s["converged"] for s in res.value_stats)
+            converged += sum(bool(s.get("converged")) for s in res.value_stats)  # UltraEdit: no v*
             t = time.perf_counter()
             own = fact_metrics(lm.model, lm.tokenizer, batch)
             after_batch.extend(own)

@@ -1,13 +1,17 @@
 """What a batch is computed with — its recipe — resolved in one place.
 
-Two kinds of recipe, and this is the only module that tells them apart:
+Three kinds of editor, and this is the only module that tells them apart:
 - the closed-form editors (MEMIT, EMMET, ROME, PMET, AlphaEdit, ENCORE): an `EditHParams`, from
   the workspace's preset (else the model family's) with its overrides and `stats_tokens`, or as an
   earlier operation recorded it; their editor needs key statistics and context prefixes from the
   BASE weights;
 - MALMEN: a registered hyper-network (agent.hypernets.HypernetRef): the workspace's current one,
   or the one an earlier operation recorded (`artifact_id`), loaded only if its files still hash
-  to the registered sha256; its editor runs on the live weights.
+  to the registered sha256; its editor runs on the live weights;
+- UltraEdit (editors.ultraedit): the same EditHParams, of which it reads the `ultraedit_*` knobs
+  over the family's preset (editors.ultraedit.hparams_for; the operation records the values that
+  ran); no key statistics, no context prefixes; its editor runs on the live weights, and its
+  lifelong statistics come from the ledger (agent.lifelong, set by agent.batch).
 
 `resolve_hparams` is THE hyperparameter resolution (apply, edit, bench and the audit's token count
 all call it); `Editors` caches one editor per (method, hparams) for a session.
@@ -21,7 +25,7 @@ from pathlib import Path
 from knowledger.agent import hypernets
 from knowledger.agent.errors import KnowledgerError
 from knowledger.agent.loaded import LoadedModel
-from knowledger.agent.scheduler import MALMEN
+from knowledger.agent.scheduler import MALMEN, ULTRAEDIT
 from knowledger.editors.editor import Editor
 from knowledger.editors.hparams import EditHParams, load_preset, preset_for
 from knowledger.editors.methods import get_method
@@ -54,7 +58,7 @@ def batch_hparams(ws, settings, model, method: str, op=None, *, same_weights: bo
     """What a batch of `method` is computed with. MALMEN: the hyper-network `op` ran on (a recorded
     operation's facts are recomputed with it, never with a newer one), else the workspace's
     current one. The others: EditHParams, as `op` recorded them on the same weights, else from
-    the settings."""
+    the settings (UltraEdit reads its ultraedit_* knobs from them)."""
     if method != MALMEN:
         return recorded_or_settings(settings, model,
                                     op.hparams_json if op is not None and same_weights else None)
@@ -77,12 +81,30 @@ def recipe_of(method: str, hp, editor) -> Recipe:
     if method == MALMEN:
         return Recipe(None, dict(editor.net.config.to_dict(), hypernet_sha256=editor.sha),
                       hp.artifact_id)
+    if method == ULTRAEDIT:  # the knobs as they ran (the family's preset filled in)
+        from knowledger.editors.ultraedit import as_edit_hparams
+
+        return Recipe(None, as_edit_hparams(hp, editor.hp).to_dict())
     return Recipe(get_method(method).distribution_for(hp), hp.to_dict())
 
 
 def stats_record(method: str, hp, corpus) -> dict | None:
-    """Where the key statistics came from (None for MALMEN, which uses none)."""
-    return None if method == MALMEN else dict(corpus=corpus, tokens=hp.stats_tokens)
+    """Where the key statistics came from (None for MALMEN and UltraEdit, which use none)."""
+    return None if method in (MALMEN, ULTRAEDIT) else dict(corpus=corpus, tokens=hp.stats_tokens)
+
+
+def ultraedit_editor(lm: LoadedModel, hp: EditHParams):
+    """An UltraEditor on `lm`'s model with the ultraedit_* knobs of `hp` over the family's preset;
+    its statistics are empty until the caller sets `editor.state` (the agent: from the ledger)."""
+    from knowledger.editors.ultraedit import UltraEditor, hparams_for
+
+    uhp, measured = hparams_for(lm.model, hp)
+    try:
+        ed = UltraEditor(lm.model, lm.tokenizer, uhp)
+    except ValueError as e:  # layers out of range for this model
+        raise KnowledgerError(f"ultraedit: {e}") from e
+    ed.measured = measured
+    return ed
 
 
 # --- editors -------------------------------------------------------------------------------------
@@ -122,6 +144,11 @@ class Editors:
     def get(self, live, method: str, hp, stats_corpus):
         if method == MALMEN:
             return self.malmen(live, hp)
+        if method == ULTRAEDIT:  # on the live weights (its gradients are of them); no key statistics
+            key = (method, hp.to_json(), id(live.lm.model))
+            if key not in self._closed:
+                self._closed[key] = ultraedit_editor(live.lm, hp)
+            return self._closed[key]
         key = (method, hp.to_json())
         if key not in self._closed:
             lm = live.lm
@@ -166,6 +193,8 @@ def direct_editor(lm: LoadedModel, method: str, hp: EditHParams, corpus=None, *,
             raise ValueError("the malmen editor needs --hypernet DIR (a folder made by `knowledger train-malmen`)")
         net, sha = load_hypernet(hypernet)
         return MalmenEditor(lm.model, lm.tokenizer, net, sha=sha)
+    if method == ULTRAEDIT:
+        return ultraedit_editor(lm, hp)
     stats = ensure_stats(lm, hp, corpus, progress=progress)
     return Editor(lm.model, lm.tokenizer, hp, method=method, second_moments=stats,
                   weights_sha=lm.weights_sha256)

@@ -46,6 +46,10 @@ class OpRecord:
     error: str | None = None
     started_at: datetime = field(default_factory=utcnow)
     artifact_id: int | None = None  # the MALMEN hyper-network it was computed with
+    # UltraEdit's lifelong statistics (agent.lifelong): this operation's batch moments, and the
+    # lineage's statistics after it (set by EditSession.track when the operation changed them)
+    lifelong_batch: list[repo.StoredMoments] = field(default_factory=list)
+    lifelong_after: list[repo.StoredMoments] | None = None
 
     def summary(self) -> OperationSummary:
         by = lambda o: [f.request_id for f in self.facts if f.outcome == o]  # noqa: E731

@@ -27,6 +27,11 @@ dependent as the batch approaches the key width (1536 here), where MEMIT's least
 gracefully; 256 is a sixth of that width, beyond what was measured. ROME and PMET only when
 asked; ROME edits one fact per batch.
 
+UltraEdit. Only when asked (`--editor ultraedit`); `auto` never picks it, and it cannot be the
+`lifelong_editor` (that setting accepts the past-edit-memory editors only): its quality on the
+default model is measured on 100 counterfact-train facts (docs/lifelong.md), not at scale, and
+not against ENCORE over a long sequence.
+
 Lifelong policy. `auto` switches to the workspace's `lifelong_editor` (AlphaEdit or ENCORE, which
 keep earlier edits through the past-edit memory) once the workspace holds `lifelong_min_active`
 applied facts, or once the most-changed edited layer has drifted by `lifelong_norm_growth`
@@ -54,6 +59,7 @@ EDITORS = method_names()  # editors.methods: the table of methods
 EDITOR_CHOICES = ("auto",) + EDITORS
 LIFELONG_EDITORS = lifelong_names()
 MALMEN = "malmen"
+ULTRAEDIT = "ultraedit"  # never picked by auto (see the module docstring)
 DIRECT_EDITORS = tuple(e for e in EDITOR_CHOICES if e != "auto")  # edit and bench: a named editor
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_MEMIT_MIN_BATCH = 256  # see the module docstring and docs/benchmarks.md

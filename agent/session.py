@@ -7,8 +7,8 @@ failed (`recover`), and opens the live model (agent.live: base + active deltas, 
 against the ledger head). Work is computed in memory with no database transaction open (a
 `submit` meanwhile never waits), then written in ONE write transaction (`EditSession.commit`):
 the operation rows, their factored deltas and key/value vectors (blobs with sha256), per-fact
-outcomes and metrics, hparams, timings and the weights hash after each, and the facts' status
-changes. Only then is the snapshot rewritten; a crash in between leaves a stale snapshot, which
+outcomes and metrics, hparams, timings and the weights hash after each, the facts' status
+changes, the past-edit memory and UltraEdit's lifelong statistics (agent.lifelong). Only then is the snapshot rewritten; a crash in between leaves a stale snapshot, which
 the next command detects and rebuilds.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from knowledger.agent import batch
+from knowledger.agent import lifelong as alife
 from knowledger.agent import memory as amem
 from knowledger.agent import recipes
 from knowledger.agent.errors import KnowledgerError
@@ -26,10 +27,11 @@ from knowledger.agent.records import OpRecord
 from knowledger.agent.scheduler import EditSettings
 from knowledger.agent.workspace import Workspace
 from knowledger.editors.hparams import EditHParams
+from knowledger.editors.lifelong_norm import BatchMoments, LifelongStats
 from knowledger.editors.memory import KeyMemory
 from knowledger.editors.progress import Progress
 from knowledger.ledger import repository as repo
-from knowledger.ledger.models import OperationStatus, Request, utcnow
+from knowledger.ledger.models import OperationKind, OperationStatus, Request, utcnow
 
 
 @dataclass
@@ -43,6 +45,7 @@ class EditSession:
     progress: Progress | None = None
     editors: recipes.Editors | None = None
     memory_state: KeyMemory | None = None  # the past-edit memory of the live weights (agent.memory)
+    lifelong_state: LifelongStats | None = None  # UltraEdit's statistics of the lineage (agent.lifelong)
 
     def __post_init__(self):
         if self.editors is None:
@@ -54,7 +57,7 @@ class EditSession:
 
     def start_lineage(self, live: LiveModel) -> None:
         """Work on a fresh base model from here on (replay --recompute): no past edits."""
-        self.live, self.memory_state = live, KeyMemory()
+        self.live, self.memory_state, self.lifelong_state = live, KeyMemory(), LifelongStats()
 
     # --- the past-edit memory --------------------------------------------------------------------
     def memory(self) -> KeyMemory:
@@ -67,12 +70,32 @@ class EditSession:
                 self.notes.append("past-edit memory rebuilt from the ledger's key vectors")
         return self.memory_state
 
+    # --- UltraEdit's lifelong statistics ---------------------------------------------------------
+    def lifelong(self) -> LifelongStats:
+        """The lineage's normalisation statistics: loaded (or rebuilt) once, then kept in step with
+        every record this session builds; `commit` saves them with the operations that changed them."""
+        if self.lifelong_state is None:
+            with self.ws.reading() as s:
+                self.lifelong_state, rebuilt = alife.load(s, self.live.base_model_id)
+            if rebuilt:
+                self.notes.append("ultraedit statistics rebuilt from the active operations' batch moments")
+        return self.lifelong_state
+
     def track(self, rec: OpRecord) -> None:
-        """Keep the memory in step with a record just built (committed weight changes only)."""
+        """Keep the memory and the lifelong statistics in step with a record just built
+        (committed weight changes only)."""
         if rec.after is None or rec.status != OperationStatus.committed:
             return
         with self.ws.reading() as s:
             amem.apply_changes(s, self.memory(), rec.kind, rec.vectors, rec.target_operation_id)
+            undone = alife.undone_batch(s, rec.target_operation_id) if rec.kind == OperationKind.undo else None
+        if rec.lifelong_batch:
+            self.lifelong_state = self.lifelong().update(BatchMoments(alife.from_stored(rec.lifelong_batch)))
+        elif undone is not None:
+            self.lifelong_state = self.lifelong().remove(undone)
+        else:
+            return
+        rec.lifelong_after = alife.to_stored(self.lifelong_state.layers)
 
     # --- recipes (agent.recipes) -----------------------------------------------------------------
     def hparams(self, recorded: dict | None = None) -> EditHParams:
@@ -122,6 +145,10 @@ class EditSession:
                     raise KnowledgerError(f"operation seq {op.seq} was expected to be {rec.seq}: another "
                                           f"process recorded operations without the workspace lock")
                 ids[rec.seq] = op.id
+                if rec.lifelong_batch:  # UltraEdit's statistics (agent.lifelong), same transaction
+                    repo.save_lifelong(s, op.id, op.base_model_id, repo.BATCH, rec.lifelong_batch)
+                if rec.lifelong_after is not None:
+                    repo.save_lifelong(s, op.id, op.base_model_id, repo.STATE, rec.lifelong_after)
                 repo.link_requests(s, op.id, [(f.request_id, f.outcome, f.metrics) for f in rec.facts])
                 for f in rec.facts:
                     if f.status is not None:

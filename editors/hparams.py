@@ -44,6 +44,8 @@ RANGES: dict[str, tuple] = {
     "alphaedit_null_scale": (("energy", "max"),), "alphaedit_l2": ("float", 0, None, True),
     "encore_alpha": ("float", 0, None), "nas": ("bool",), "nas_anchor": ("float", 0, None),
     "nas_max_ratio": ("float", 0, None, True),
+    "ultraedit_lr": ("float", 0, None), "ultraedit_ridge": ("float", 0, None),
+    "ultraedit_normalise": ("bool",), "ultraedit_eps": ("float", 0, None, True),
 }
 _INF_OK = {"early_stop_loss"}  # a threshold: +inf means "the goal is met at once"
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
@@ -54,6 +56,8 @@ def accepted(name: str) -> str:
     """What a field accepts, in words: "a finite number > 0", "an integer in [1, 2147483647]"."""
     if name == "layers":
         return "a non-empty ascending list of distinct layer indices ≥ 0, e.g. [3,4,5]"
+    if name == "ultraedit_layers":
+        return "an ascending list of distinct layer indices ≥ 0, e.g. [18,19,20], or [] for the family's preset"
     kind, *bounds = RANGES[name]
     if isinstance(kind, tuple):
         return "one of " + ", ".join(kind)
@@ -74,18 +78,18 @@ def parse_value(name: str, value: Any) -> Any:
     def bad():
         return HParamError(f"hparams.{name} must be {accepted(name)}, got {value!r}")
 
-    if name == "layers":
+    if name in ("layers", "ultraedit_layers"):
         items = value
         if isinstance(value, str):
             text = value.strip().removeprefix("[").removesuffix("]")
             items = [t.strip() for t in text.split(",") if t.strip()]
-        if not isinstance(items, (list, tuple)) or not items:
+        if not isinstance(items, (list, tuple)) or (not items and name == "layers"):
             raise bad()
         out = tuple(_as_int(x, bad) for x in items)
         if list(out) != sorted(set(out)):
-            raise HParamError(f"hparams.layers must be ascending and unique: {out}")
-        if min(out) < 0:
-            raise HParamError(f"hparams.layers must be non-negative: {out}")
+            raise HParamError(f"hparams.{name} must be ascending and unique: {out}")
+        if out and min(out) < 0:
+            raise HParamError(f"hparams.{name} must be non-negative: {out}")
         return out
     if name not in RANGES:
         return value
@@ -170,6 +174,15 @@ class EditHParams:
     nas_anchor: float = 0.0  # ā, measured on the clean base model (editors.nas.measure_anchor)
     nas_max_ratio: float = 2.0  # a target with ‖v*‖ > nas_max_ratio · ā is refused (fact failed)
 
+    # --- UltraEdit (editors.ultraedit; arXiv 2505.14679): its own modules, no v*, no key statistics --
+    # 0 / [] take the value of the family's preset (editors.ultraedit.PRESETS); the ledger records
+    # the values that ran (agent.recipes.recipe_of)
+    ultraedit_layers: tuple[int, ...] = ()  # edited MLP output projections; []: the preset's
+    ultraedit_lr: float = 0.0  # η, scale of the pseudo-values; 0: the preset's
+    ultraedit_ridge: float = 0.0  # α of the ridge solve (raw key units); 0: the preset's
+    ultraedit_normalise: bool = True  # lifelong normalisation (false: the ablation that collapses)
+    ultraedit_eps: float = 1e-6  # floor of the running standard deviation
+
     def __post_init__(self):
         for f in dataclasses.fields(self):  # parse by the field's type, check its range
             object.__setattr__(self, f.name, parse_value(f.name, getattr(self, f.name)))
@@ -188,6 +201,7 @@ class EditHParams:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
+        d["ultraedit_layers"] = list(self.ultraedit_layers)
         return d
 
     def to_json(self) -> str:

@@ -12,7 +12,10 @@ Like peft's PEFT_TYPE_TO_CONFIG_MAPPING and its tuner classes (STYLE.md #13), ea
 - `max_batch`: the most facts one compute() takes (ROME: 1);
 - `reads_memory`: whether it reads Σ K_p K_pᵀ of the past edits (editors.memory);
 - `value_stop`: when v* stops — "patience+loss" (target top-1 for `early_stop_patience` steps, or
-  NLL < early_stop_loss) or "mpes" (ENCORE's most-probable early stopping: top-1 alone).
+  NLL < early_stop_loss) or "mpes" (ENCORE's most-probable early stopping: top-1 alone);
+- `lifelong_stats`: whether it keeps never-reset normalisation statistics (editors.lifelong_norm)
+  that the agent loads from the ledger before each batch and records with each operation
+  (UltraEdit: per batch its moments, and the running state after it).
 
 The editor (editors.editor), the scheduler, the CLI's choices and the benchmark all read this table;
 a name it lacks is an error (`get_method`), never a fall-through to another method. Adding a method
@@ -61,6 +64,7 @@ class Method:
     max_batch: int | None = None  # facts per compute(); None: any
     reads_memory: bool = False
     value_stop: Literal["patience+loss", "mpes", "none"] = "patience+loss"
+    lifelong_stats: bool = False
     summary: str = ""
 
     def __post_init__(self):
@@ -154,6 +158,8 @@ _TABLE = (
            summary="ENCORE: MEMIT + past edits + Frobenius penalty, MPES"),
     Method("malmen", "none", None, value_stop="none",
            summary="MALMEN: a trained hyper-network (editors.malmen)"),
+    Method("ultraedit", "none", None, value_stop="none", lifelong_stats=True,
+           summary="UltraEdit: lifelong-normalised gradients, ridge solve, no v* (editors.ultraedit)"),
 )
 METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in _TABLE})
 
@@ -178,3 +184,8 @@ def closed_form_names() -> tuple[str, ...]:
 def lifelong_names() -> tuple[str, ...]:
     """The methods that read the past-edit memory."""
     return tuple(m.name for m in METHODS.values() if m.reads_memory)
+
+
+def lifelong_stats_names() -> tuple[str, ...]:
+    """The methods whose normalisation statistics the ledger keeps (UltraEdit)."""
+    return tuple(m.name for m in METHODS.values() if m.lifelong_stats)

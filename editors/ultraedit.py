@@ -95,6 +95,31 @@ def preset_for(model) -> tuple[UltraEditHParams, bool]:
     return UltraEditHParams(**p), measured
 
 
+def hparams_for(model, hp=None) -> tuple[UltraEditHParams, bool]:
+    """(hparams, measured) for `model` under the workspace's EditHParams `hp` (editors.hparams):
+    the family's preset, with each `ultraedit_*` knob `hp` sets (0 / [] keep the preset's value).
+    `measured` is the preset's flag, False as soon as a knob differs from the measured preset."""
+    preset, measured = preset_for(model)
+    if hp is None:
+        return preset, measured
+    changes = dict(normalise=bool(hp.ultraedit_normalise), eps=float(hp.ultraedit_eps))
+    if hp.ultraedit_layers:
+        changes["layers"] = tuple(hp.ultraedit_layers)
+    if hp.ultraedit_lr > 0:
+        changes["lr"] = float(hp.ultraedit_lr)
+    if hp.ultraedit_ridge > 0:
+        changes["ridge"] = float(hp.ultraedit_ridge)
+    out = preset.replace(**changes)
+    return out, measured and out == preset
+
+
+def as_edit_hparams(hp, uhp: UltraEditHParams):
+    """`hp` (EditHParams) with the ultraedit_* knobs set to what `uhp` runs with: what the ledger
+    records, so a replay on the same weights recomputes with exactly these values."""
+    return hp.replace(ultraedit_layers=list(uhp.layers), ultraedit_lr=uhp.lr, ultraedit_ridge=uhp.ridge,
+                      ultraedit_normalise=uhp.normalise, ultraedit_eps=uhp.eps)
+
+
 def ridge_delta(K: torch.Tensor, V: torch.Tensor, alpha: float, *, W: torch.Tensor | None = None,
                 out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """ΔW = V (KᵀK + αI)⁻¹ Kᵀ as left = V (d_out, m), right = K (KᵀK + αI)⁻¹ (d_in, m). float64.
@@ -144,6 +169,7 @@ class UltraEditor:
         self.layers = hparams.layers
         self.state = state if state is not None else LifelongStats()
         self.last_step: LifelongStep | None = None
+        self.measured: bool | None = None  # whether hparams are a measured preset (set by the caller)
 
     def advance(self, step: LifelongStep) -> None:
         """Adopt the statistics of an applied batch (the caller decides when it was applied)."""
@@ -206,6 +232,8 @@ class UltraEditor:
             if progress is not None:
                 progress("ultraedit", i + 1, len(self.layers))
         result.diagnostics["lifelong_rows"] = float(after.count(self.layers[0]))
+        if self.measured is not None:
+            result.diagnostics["preset_measured"] = self.measured
         self.last_step = LifelongStep(batch=batch, after=after)
         result.timings["total_s"] = time.perf_counter() - t0
         return result

@@ -7,6 +7,7 @@ The whole lifecycle of a knowledge edit is modelled here, so later work adds beh
                        └──< operation_requests >── edit_requests ─< request_events
     audit_runs ─< audit_results >── edit_requests       settings (key → JSON)
     base_models ─< edit_memory                          (Σ k kᵀ of the active edits, per layer)
+    operations ─< ultraedit_stats >── base_models       (UltraEdit's lifelong statistics, per layer)
     artifacts ─< operations                             (the MALMEN hyper-network an operation used)
     counters                                            (operation_seq: the database numbers operations)
 
@@ -284,6 +285,34 @@ class EditMemory(Base):
     as_of_seq: Mapped[int]  # operations.seq of the last operation it reflects
     sha256: Mapped[str] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class UltraEditStats(Base):
+    """UltraEdit's lifelong normalisation statistics (editors.lifelong_norm) of one edited layer,
+    as one operation left them: per-dimension count n, mean μ (D,) and M2 = Σ (z − μ)² (D,) of
+    z = [k ‖ g], float64 safetensors bytes.
+
+    Two roles, both append-only and written in the operation's own transaction:
+    - "batch": the moments of the operation's own batch (an ultraedit apply, redo, replay or heal);
+      what an undo of it subtracts, and what a rebuild merges in seq order;
+    - "state": the running statistics of the lineage right after the operation (every operation
+      that changed them: the ultraedit ones and undos of them); the latest one is what the next
+      ultraedit batch is normalised with.
+    """
+
+    __tablename__ = "ultraedit_stats"
+    __table_args__ = (UniqueConstraint("operation_id", "layer", "role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operation_id: Mapped[int] = mapped_column(ForeignKey("operations.id"), index=True)
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"), index=True)
+    layer: Mapped[int]
+    role: Mapped[str] = mapped_column(String(8))  # "batch" | "state"
+    n: Mapped[int]  # rows (target-token positions) merged in
+    mean: Mapped[bytes] = mapped_column(LargeBinary)  # (D,) float64
+    m2: Mapped[bytes] = mapped_column(LargeBinary)  # (D,) float64
+    sha256: Mapped[str] = mapped_column(String(64))  # over mean, m2 and n
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Counter(Base):

@@ -3,7 +3,7 @@
 Nothing here deletes a row: facts and operations change by status updates and new rows
 (`set_request_status` appends to a fact's history in the same transaction).
 
-A package of five modules (facts, operations, history, artifacts, audits); everything is
+A package of six modules (facts, operations, history, artifacts, audits, lifelong); everything is
 re-exported here, so `from knowledger.ledger import repository as repo; repo.x(...)` keeps working.
 """
 from __future__ import annotations
@@ -32,6 +32,8 @@ from knowledger.ledger.repository.artifacts import (register_artifact, artifact_
 from knowledger.ledger.repository.audits import (AuditFact, record_audit_run, list_audit_runs,
                                                  last_audit_run, audit_results, StoredMemory,
                                                  load_memory, save_memory)
+from knowledger.ledger.repository.lifelong import (BATCH, STATE, StoredMoments, save_lifelong, operation_lifelong,
+                                                   latest_lifelong_state, count_lifelong_rows)
 
 __all__ = ['Added', 'pending_duplicate', 'add_requests', 'get_request', 'list_requests',
            'count_requests_by_status', 'set_request_status', 'request_history',
@@ -46,4 +48,5 @@ __all__ = ['Added', 'pending_duplicate', 'add_requests', 'get_request', 'list_re
            'register_artifact', 'artifact_by_sha', 'get_artifact', 'list_artifacts',
            'artifact_shas', 'get_setting', 'set_setting', 'all_settings', 'AuditFact',
            'record_audit_run', 'list_audit_runs', 'last_audit_run', 'audit_results',
-           'StoredMemory', 'load_memory', 'save_memory']
+           'StoredMemory', 'load_memory', 'save_memory', 'BATCH', 'STATE', 'StoredMoments', 'save_lifelong',
+           'operation_lifelong', 'latest_lifelong_state', 'count_lifelong_rows']

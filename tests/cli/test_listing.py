@@ -116,4 +116,4 @@ def test_status(filled):
         "operations:  1\n")
     info = json.loads(run("status", "--json", db=filled).output)
     assert info["facts"]["by_status"] == dict(pending=1, applied=1, superseded=1, rejected=0, reverted=0, failed=0)
-    assert info["schema"] == {"current": "0005", "head": "0005"} and info["operations"] == {"total": 1}
+    assert info["schema"] == {"current": "0006", "head": "0006"} and info["operations"] == {"total": 1}
