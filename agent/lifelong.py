@@ -82,8 +82,9 @@ def undone_batch(session, target_operation_id: int | None) -> BatchMoments | Non
 def differences(a: LifelongStats, b: LifelongStats) -> list[str]:
     """Per layer, how `a` differs from `b` beyond float64 rounding (empty: they agree)."""
     out = []
-    for l in sorted(set(a.layers) | set(b.layers)):
-        ma, mb = a.layers.get(l), b.layers.get(l)
+    a_, b_ = ({l: m for l, m in x.layers.items() if m.n} for x in (a, b))  # an emptied layer = none
+    for l in sorted(set(a_) | set(b_)):
+        ma, mb = a_.get(l), b_.get(l)
         if ma is None or mb is None or ma.n != mb.n:
             out.append(f"layer {l}: {ma.n if ma else 0} rows stored, {mb.n if mb else 0} in the rebuild")
             continue

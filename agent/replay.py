@@ -1,12 +1,16 @@
 """Replay: rebuild the weights from the base model and the ledger's deltas and check every recorded
 hash (`replay`), or re-run the editors on the applied facts as a new lineage (`replay_recompute`).
 
-MALMEN batches keep the hyper-network their operation recorded (agent.recipes).
+MALMEN batches keep the hyper-network their operation recorded (agent.recipes). UltraEdit's
+lifelong statistics: `replay` rebuilds them from the active operations' batch moments in seq order
+and reports a mismatch when the stored state differs (agent.lifelong); `replay_recompute` starts
+the new lineage from empty statistics and re-accumulates them batch by batch, in order.
 """
 from __future__ import annotations
 
 import json
 
+from knowledger.agent import lifelong as alife
 from knowledger.agent import memory as amem
 from knowledger.agent.errors import NO_BASE_MODEL, IntegrityError, KnowledgerError
 from knowledger.agent.live import (ActiveDelta, LiveModel, delta_from_factors, expected_state, load_base,
@@ -48,6 +52,7 @@ def replay(ws: Workspace, *, to_seq: int | None = None, progress: Progress | Non
                           op.weights_sha256_after, deltas, problem))
         want, head_seq = expected_state(s, base)
         base_id, name, base_sha = base.id, base.name_or_path, base.weights_sha256
+        lifelong_problems = [] if to_seq is not None else _check_lifelong(s, base_id)
     live = LiveModel(load_base(name, base_sha), base_id, base_sha)
     active, state = [], state_hash(base_sha, {})
     rows, mismatches = [], []
@@ -68,6 +73,7 @@ def replay(ws: Workspace, *, to_seq: int | None = None, progress: Progress | Non
                               f"replay gives {state[:12]}…")
         rows.append(ReplayStep(seq=seq, kind=kind.value, recorded=after, computed=state,
                                ok=ok and not problem))
+    mismatches += lifelong_problems
     refreshed = False
     if to_seq is None and not mismatches and state == want:
         lock = try_lock(lock_path(ws.location), "replay")
@@ -83,6 +89,21 @@ def replay(ws: Workspace, *, to_seq: int | None = None, progress: Progress | Non
     return ReplayResult(base_model=name, to_seq=to_seq, operations=rows, mismatches=mismatches,
                         weights_sha256=state, head_seq=head_seq if to_seq is None else to_seq,
                         snapshot_refreshed=refreshed, memory_rebuilt=refreshed)
+
+
+def _check_lifelong(s, base_id: int) -> list[str]:
+    """UltraEdit's stored statistics against their rebuild from the surviving batches, in order."""
+    try:
+        stored = repo.latest_lifelong_state(s, base_id)
+        rebuilt = alife.rebuild(s, base_id)
+    except IntegrityError as e:
+        return [str(e)]
+    if stored is None:
+        return [] if not rebuilt.layers else ["ultraedit statistics: none stored, but active operations "
+                                              "recorded batch moments"]
+    seq, rows = stored
+    return [f"ultraedit statistics after operation seq {seq}, {d}"
+            for d in alife.differences(alife.LifelongStats(alife.from_stored(rows)), rebuilt)]
 
 
 def replay_recompute(ws: Workspace, *, model: str | None = None, wait: bool = False,
