@@ -110,7 +110,7 @@ def test_status(filled):
     assert r.output == (
         f"workspace:   {filled}\n"
         f"database:    sqlite:///{filled}/ledger.db\n"
-        "schema:      0005 (head)\n"
+        "schema:      0006 (head)\n"
         f"base model:  tiny-test-model (llama, weights {'ab' * 6})\n"
         "facts:       3 (pending 1, applied 1, superseded 1)\n"
         "operations:  1\n")

@@ -12,12 +12,14 @@ from tests.editors.test_editor import make
 
 
 def test_the_table_declares_each_method():
-    assert M.method_names() == ("emmet", "memit", "rome", "pmet", "alphaedit", "encore", "malmen")
-    rome, pmet, encore, malmen = (M.get_method(n) for n in ("rome", "pmet", "encore", "malmen"))
+    assert M.method_names() == ("emmet", "memit", "rome", "pmet", "alphaedit", "encore", "malmen", "ultraedit")
+    rome, pmet, encore, malmen, ultra = (M.get_method(n) for n in ("rome", "pmet", "encore", "malmen", "ultraedit"))
     assert (rome.max_batch, rome.distribution, rome.optimise) == (1, "last", "mlp")
     assert (pmet.distribution, pmet.optimise) == ("sqrt", "pmet")
     assert encore.value_stop == "mpes" and encore.reads_memory
     assert malmen.optimise == "none" and malmen.solve is None and not malmen.closed_form
+    assert ultra.optimise == "none" and not ultra.closed_form and ultra.lifelong_stats and not ultra.reads_memory
+    assert M.lifelong_stats_names() == ("ultraedit",)
     assert M.lifelong_names() == ("alphaedit", "encore") == LIFELONG == LIFELONG_EDITORS
     assert METHODS == M.closed_form_names() and EDITORS == M.method_names()
     assert EDITOR_CHOICES == ("auto",) + EDITORS
