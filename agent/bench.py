@@ -223,6 +223,8 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
         "hparams": hp.to_dict(),
         **({"hypernet": dict(path=str(hypernet), sha256=eds["malmen"].sha,
                              hyper=eds["malmen"].net.config.to_dict())} if "malmen" in eds else {}),
+        **({"ultraedit": dict(eds["ultraedit"].hp.to_dict(), preset_measured=eds["ultraedit"].measured)}
+           if "ultraedit" in eds else {}),  # the knobs as they ran (the family's preset filled in)
     }
 
 

@@ -8,8 +8,9 @@ against the ledger head). Work is computed in memory with no database transactio
 `submit` meanwhile never waits), then written in ONE write transaction (`EditSession.commit`):
 the operation rows, their factored deltas and key/value vectors (blobs with sha256), per-fact
 outcomes and metrics, hparams, timings and the weights hash after each, the facts' status
-changes, the past-edit memory and UltraEdit's lifelong statistics (agent.lifelong). Only then is the snapshot rewritten; a crash in between leaves a stale snapshot, which
-the next command detects and rebuilds.
+changes, the past-edit memory and UltraEdit's lifelong statistics (agent.lifelong). Only then is
+the snapshot rewritten; a crash in between leaves a stale snapshot, which the next command
+detects and rebuilds.
 """
 from __future__ import annotations
 

@@ -158,6 +158,11 @@ def test_a_failed_apply_leaves_the_stored_statistics_unchanged(ws, monkeypatch):
 def test_undo_redo_round_trip(ws):
     apply(ws, GOOD[:4], batch_size=4)
     apply(ws, GOOD[4:5], batch_size=1)
+    from knowledger.agent.consolidate import consolidate_workspace
+
+    with open_workspace(ws) as w:  # consolidation re-solves closed-form edits only
+        with pytest.raises(KnowledgerError, match="operation seq 1 was made by ultraedit"):
+            consolidate_workspace(w)
     both, batches, _, _ = ledger(ws)
     b1 = batches[1]
     with open_workspace(ws) as w:

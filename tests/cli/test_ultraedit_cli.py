@@ -48,6 +48,7 @@ def test_edit_and_bench_with_ultraedit(tiny_dir, tmp_path):
     rec = json.loads(out.read_text())
     assert [b["editor"] for b in rec["batches"]] == ["ultraedit", "ultraedit"]
     assert rec["curve"] and rec["metrics"]["efficacy"] > 0
+    assert rec["ultraedit"]["layers"] == [1, 2, 3] and rec["ultraedit"]["lr"] == 0.1
 
 
 def test_python_api_edit_with_ultraedit(tiny_dir):

@@ -105,3 +105,29 @@ def test_without_normalisation_and_bad_settings():
         UltraEditor(model, TOK, UltraEditHParams(layers=(6,)))
     hp, measured = preset_for(tiny_model("llama", n_layers=4))
     assert not measured and hp.layers[-1] < 4
+
+
+def test_the_workspace_knobs_fill_in_over_the_family_preset():
+    """editors.hparams' ultraedit_* knobs (what --set and the ledger carry) over editors.ultraedit's
+    presets: 0 / [] keep the preset's value; only the untouched llama-30L preset is 'measured'."""
+    from types import SimpleNamespace
+
+    from knowledger.editors.hparams import EditHParams, HParamError, parse_value
+    from knowledger.editors.ultraedit import as_edit_hparams, hparams_for
+
+    smollm = SimpleNamespace(model_type="llama", num_hidden_layers=30)
+    hp = EditHParams(layers=(3, 4))
+    got, measured = hparams_for(smollm, hp)
+    assert got == UltraEditHParams(layers=(18, 19, 20, 21, 22, 23), lr=1e-4, ridge=1.0) and measured
+    faster, m = hparams_for(smollm, hp.replace(ultraedit_lr=1e-3))
+    assert (faster.lr, faster.layers, m) == (1e-3, got.layers, False)
+    assert hparams_for(smollm, hp.replace(ultraedit_normalise=False))[0].normalise is False
+    recorded = as_edit_hparams(hp, faster)  # what an operation records: the values that ran
+    assert recorded.ultraedit_layers == (18, 19, 20, 21, 22, 23) and recorded.ultraedit_lr == 1e-3
+    assert hparams_for(smollm, EditHParams.from_dict(recorded.to_dict())) == (faster, False)
+    assert hparams_for(SimpleNamespace(model_type="qwen2", num_hidden_layers=24), hp)[1] is False
+    assert parse_value("ultraedit_layers", "[]") == () and parse_value("ultraedit_layers", "[3,4]") == (3, 4)
+    for name, bad in (("ultraedit_layers", "[4,3]"), ("ultraedit_layers", "[-1]"), ("ultraedit_eps", 0),
+                      ("ultraedit_ridge", -1), ("ultraedit_lr", "inf"), ("ultraedit_normalise", "maybe")):
+        with pytest.raises(HParamError, match=f"hparams.{name}"):
+            parse_value(name, bad)
