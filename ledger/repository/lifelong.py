@@ -10,12 +10,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from knowledger.ledger import blobs
 from knowledger.ledger.errors import IntegrityError
-from knowledger.ledger.models import Operation, UltraEditStats
+from knowledger.ledger.models import Operation, OperationStatus, UltraEditStats
 
 BATCH, STATE = "batch", "state"  # an operation's own batch moments / the lineage's statistics after it
 
@@ -66,8 +66,6 @@ def operation_lifelong(session: Session, operation_id: int, role: str = BATCH) -
 
 def latest_lifelong_state(session: Session, base_model_id: int) -> tuple[int, list[StoredMoments]] | None:
     """(seq, per-layer state) of the lineage's latest committed operation that wrote a state, or None."""
-    from knowledger.ledger.models import OperationStatus
-
     q = (select(Operation.id, Operation.seq).join(UltraEditStats, UltraEditStats.operation_id == Operation.id)
          .where(UltraEditStats.base_model_id == base_model_id, UltraEditStats.role == STATE,
                 Operation.status == OperationStatus.committed)
@@ -79,6 +77,4 @@ def latest_lifelong_state(session: Session, base_model_id: int) -> tuple[int, li
 
 
 def count_lifelong_rows(session: Session) -> int:
-    from sqlalchemy import func
-
     return int(session.scalar(select(func.count()).select_from(UltraEditStats)))
