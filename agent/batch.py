@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from knowledger.agent import recipes
+from knowledger.agent import anchors, recipes
 from knowledger.agent.jsonutil import json_safe
 from knowledger.agent.live import ActiveDelta, delta_from_factors, factors_from_delta, stored_delta
 from knowledger.agent.records import FactOutcome, OpRecord, clean_outcome, edit_requests
@@ -42,10 +42,12 @@ def edit_batch(es: EditSession, rows: list[Request], method: str, hp, *,
                why: str = "applied") -> OpRecord:
     """Compute one batch on the live weights, check it, retry once without failures.
 
-    `hp`: what recipes.batch_hparams gives for `method` (EditHParams, or a HypernetRef for MALMEN).
+    `hp`: what recipes.batch_hparams gives for `method` (EditHParams, or a HypernetRef for MALMEN);
+    with NAS on and no anchor given, the workspace's anchor is filled in (agent.anchors).
     Leaves the live model at the result (or unchanged for a failed operation).
     """
     t0 = time.perf_counter()
+    hp = anchors.resolve(es, method, hp)
     live, reqs = es.live, edit_requests(rows)
     start, h_before = list(live.active), live.state_hash
     before = fact_metrics(live.model, live.tokenizer, reqs)
@@ -111,6 +113,9 @@ def edit_batch(es: EditSession, rows: list[Request], method: str, hp, *,
             for j, r in enumerate(todo):
                 rec.vectors.append(repo.FactVectors(r.id, layer, K[:, j].float().numpy(),
                                                     V[:, j].float().numpy()))
+        if getattr(result, "targets", None) is not None:  # (n, d): z at layer L, what consolidation re-solves from
+            rec.targets = [repo.TargetVector(r.id, result.target_layer, result.target_site,
+                                             result.targets[j].float().cpu().numpy()) for j, r in enumerate(todo)]
     es.track(rec)
     timings = dict(result.timings) if result is not None else {}
     timings.update(eval_s=eval_s, attempts=attempts, total_s=time.perf_counter() - t0)
@@ -125,7 +130,7 @@ def edit_batch(es: EditSession, rows: list[Request], method: str, hp, *,
 
 
 def reuse_record(es: EditSession, op, rows: list[Request], factors: list[repo.DeltaFactors],
-                 vectors: list[repo.FactVectors]) -> OpRecord:
+                 vectors: list[repo.FactVectors], targets: list[repo.TargetVector] = ()) -> OpRecord:
     """Redo with an undone operation's recorded deltas, verbatim (metrics recorded, not checked)."""
     t0, live = time.perf_counter(), es.live
     before = live.state_hash
@@ -139,6 +144,7 @@ def reuse_record(es: EditSession, op, rows: list[Request], factors: list[repo.De
         hparams=op.hparams_json, artifact_id=op.artifact_id, deltas=factors, before=before,
         after=live.state_hash,
         vectors=[v for v in vectors if v.request_id in ids],
+        targets=[t for t in targets if t.request_id in ids],
         facts=[clean_outcome(FactOutcome(r.id, RequestOutcome.applied, RequestStatus.applied,
                                          f"redone with the deltas of operation seq {op.seq}",
                                          dict(after=m))) for r, m in zip(rows, after)],

@@ -161,8 +161,9 @@ def redo(ws: Workspace, *, fact_id: int | None = None, seq: int | None = None, w
             if reuse:
                 factors = [repo.load_delta(d) for d in repo.operation_deltas(s, op.id)]
                 vectors = [repo.load_vectors(v) for v in repo.operation_vectors(s, op.id)]
+                targets = [repo.load_target(t) for t in repo.operation_targets(s, op.id)]
         if reuse:
-            rec = es.reuse_record(op, rows, factors, vectors)
+            rec = es.reuse_record(op, rows, factors, vectors, targets)
         else:
             rec = es.edit_batch(rows, op.editor, es.batch_hparams(op.editor, op), kind=OperationKind.redo,
                                 target=(op.id, op.seq), why="redone (recomputed alone)")
