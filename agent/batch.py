@@ -169,15 +169,18 @@ def undo_record(es: EditSession, target_id: int, target_seq: int, reverted: list
 
 
 def undo_records(es: EditSession, target, fact: Request | None, applied: list[Request],
-                 later: list[tuple]) -> list[OpRecord]:
+                 later: list[tuple], reapply=None) -> list[OpRecord]:
     """Undo `target` (its `applied` facts become reverted) and, with `later` = [(operation,
     its applied facts)] for a rebase, every later operation first; then re-apply the rest of
-    the batch of an undone `fact`, and the later operations' facts in order."""
+    the batch of an undone `fact` (`reapply(rest)` when given: a consolidation's rest is
+    re-consolidated, agent.consolidate; else recomputed with the batch's editor), and the later
+    operations' facts in order."""
     records = [undo_record(es, op.id, op.seq, [r.id for r in rs]) for op, rs in reversed(later)]
     records.append(undo_record(es, target.id, target.seq, [r.id for r in applied]))
     rest = [r for r in applied if fact is not None and r.id != fact.id]
     if rest:
-        records.append(edit_batch(es, rest, target.editor, es.batch_hparams(target.editor, target),
+        records.append(reapply(rest) if reapply is not None else
+                       edit_batch(es, rest, target.editor, es.batch_hparams(target.editor, target),
                                   why=f"re-applied after undoing fact #{fact.id}"))
     for op, rs in later:
         if rs:

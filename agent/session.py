@@ -96,8 +96,8 @@ class EditSession:
     def undo_record(self, target_id: int, target_seq: int, reverted: list[int]) -> OpRecord:
         return batch.undo_record(self, target_id, target_seq, reverted)
 
-    def undo_records(self, target, fact, applied, later) -> list[OpRecord]:
-        return batch.undo_records(self, target, fact, applied, later)
+    def undo_records(self, target, fact, applied, later, reapply=None) -> list[OpRecord]:
+        return batch.undo_records(self, target, fact, applied, later, reapply)
 
     # --- writing -------------------------------------------------------------------------------------
     def commit(self, records: list[OpRecord], *, new_base: dict | None = None,
