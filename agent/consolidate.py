@@ -57,11 +57,14 @@ def editor_keys(editor) -> KeyFn:
 
 
 def _factored(layer: int, param: str, dW: torch.Tensor) -> LayerDelta:
-    """A dense ΔW (d_out, d_in) as factors of rank min(d_out, d_in)."""
-    d_out, d_in = dW.shape
-    if d_out <= d_in:
-        return LayerDelta(layer, param, torch.eye(d_out, dtype=torch.float32), dW.T.float().contiguous())
-    return LayerDelta(layer, param, dW.float().contiguous(), torch.eye(d_in, dtype=torch.float32))
+    """A dense ΔW (d_out, d_in) as factors of its numerical rank r (≤ the number of facts N: ΔW =
+    B M⁻¹ with B = Σ R Kᵀ), from its SVD in float64 with numpy's matrix_rank tolerance. The live
+    weights add a delta one rank-1 term at a time (editors.apply.compose), so rank N instead of
+    min(d_out, d_in) makes every later composition of a small consolidation ~100× cheaper."""
+    U, S, Vh = torch.linalg.svd(dW.to(torch.float64), full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+    tol = float(S.max()) * max(dW.shape) * torch.finfo(torch.float64).eps if S.numel() else 0.0
+    r = max(1, int((S > tol).sum()))
+    return LayerDelta(layer, param, (U[:, :r] * S[:r]).float().contiguous(), Vh[:r].T.float().contiguous())
 
 
 def solve_sums(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, lam: float, alpha: float = 0.0,

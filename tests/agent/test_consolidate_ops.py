@@ -34,6 +34,8 @@ def test_consolidate_is_one_operation_of_a_new_lineage_that_replay_reproduces(co
     assert [o.seq for o in rows(db, Operation)] == [1, 2, 3]
     assert len(rows(db, RequestVector, operation_id=rows(db, Operation, seq=3)[0].id)) == 3 * 2  # 3 facts × 2 layers
     [row] = rows(db, Operation, seq=3)
+    from knowledger.ledger.models import Delta
+    assert [d.rank for d in rows(db, Delta, operation_id=row.id)] == [3, 3]  # rank N, not min(d_out, d_in)
     assert row.metrics_json["consolidated_seq"] == 2 and row.metrics_json["operations"] == [1, 2]
     links = rows(db, OperationRequest, operation_id=row.id)
     assert len(links) == 3 and all(l.metrics_json["after"]["rewrite_acc"] == 1.0 for l in links)  # still top-1
