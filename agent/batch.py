@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from knowledger.agent import anchors, recipes
 from knowledger.agent import lifelong as alife
-from knowledger.agent import recipes
 from knowledger.agent.jsonutil import json_safe
 from knowledger.agent.live import ActiveDelta, delta_from_factors, factors_from_delta, stored_delta
 from knowledger.agent.records import FactOutcome, OpRecord, clean_outcome, edit_requests
@@ -44,10 +44,12 @@ def edit_batch(es: EditSession, rows: list[Request], method: str, hp, *,
                why: str = "applied") -> OpRecord:
     """Compute one batch on the live weights, check it, retry once without failures.
 
-    `hp`: what recipes.batch_hparams gives for `method` (EditHParams, or a HypernetRef for MALMEN).
+    `hp`: what recipes.batch_hparams gives for `method` (EditHParams, or a HypernetRef for MALMEN);
+    with NAS on and no anchor given, the workspace's anchor is filled in (agent.anchors).
     Leaves the live model at the result (or unchanged for a failed operation).
     """
     t0 = time.perf_counter()
+    hp = anchors.resolve(es, method, hp)
     live, reqs = es.live, edit_requests(rows)
     start, h_before = list(live.active), live.state_hash
     before = fact_metrics(live.model, live.tokenizer, reqs)
@@ -118,6 +120,9 @@ def edit_batch(es: EditSession, rows: list[Request], method: str, hp, *,
             for j, r in enumerate(todo):
                 rec.vectors.append(repo.FactVectors(r.id, layer, K[:, j].float().numpy(),
                                                     V[:, j].float().numpy()))
+        if getattr(result, "targets", None) is not None:  # (n, d): z at layer L, what consolidation re-solves from
+            rec.targets = [repo.TargetVector(r.id, result.target_layer, result.target_site,
+                                             result.targets[j].float().cpu().numpy()) for j, r in enumerate(todo)]
     es.track(rec)
     timings = dict(result.timings) if result is not None else {}
     timings.update(eval_s=eval_s, attempts=attempts, total_s=time.perf_counter() - t0)
@@ -132,7 +137,7 @@ def edit_batch(es: EditSession, rows: list[Request], method: str, hp, *,
 
 
 def reuse_record(es: EditSession, op, rows: list[Request], factors: list[repo.DeltaFactors],
-                 vectors: list[repo.FactVectors]) -> OpRecord:
+                 vectors: list[repo.FactVectors], targets: list[repo.TargetVector] = ()) -> OpRecord:
     """Redo with an undone operation's recorded deltas, verbatim (metrics recorded, not checked)."""
     t0, live = time.perf_counter(), es.live
     before = live.state_hash
@@ -148,6 +153,7 @@ def reuse_record(es: EditSession, op, rows: list[Request], factors: list[repo.De
         hparams=op.hparams_json, artifact_id=op.artifact_id, deltas=factors, before=before,
         after=live.state_hash, lifelong_batch=moments,
         vectors=[v for v in vectors if v.request_id in ids],
+        targets=[t for t in targets if t.request_id in ids],
         facts=[clean_outcome(FactOutcome(r.id, RequestOutcome.applied, RequestStatus.applied,
                                          f"redone with the deltas of operation seq {op.seq}",
                                          dict(after=m))) for r, m in zip(rows, after)],
@@ -172,15 +178,18 @@ def undo_record(es: EditSession, target_id: int, target_seq: int, reverted: list
 
 
 def undo_records(es: EditSession, target, fact: Request | None, applied: list[Request],
-                 later: list[tuple]) -> list[OpRecord]:
+                 later: list[tuple], reapply=None) -> list[OpRecord]:
     """Undo `target` (its `applied` facts become reverted) and, with `later` = [(operation,
     its applied facts)] for a rebase, every later operation first; then re-apply the rest of
-    the batch of an undone `fact`, and the later operations' facts in order."""
+    the batch of an undone `fact` (`reapply(rest)` when given: a consolidation's rest is
+    re-consolidated, agent.consolidate; else recomputed with the batch's editor), and the later
+    operations' facts in order."""
     records = [undo_record(es, op.id, op.seq, [r.id for r in rs]) for op, rs in reversed(later)]
     records.append(undo_record(es, target.id, target.seq, [r.id for r in applied]))
     rest = [r for r in applied if fact is not None and r.id != fact.id]
     if rest:
-        records.append(edit_batch(es, rest, target.editor, es.batch_hparams(target.editor, target),
+        records.append(reapply(rest) if reapply is not None else
+                       edit_batch(es, rest, target.editor, es.batch_hparams(target.editor, target),
                                   why=f"re-applied after undoing fact #{fact.id}"))
     for op, rs in later:
         if rs:

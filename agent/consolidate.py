@@ -57,11 +57,14 @@ def editor_keys(editor) -> KeyFn:
 
 
 def _factored(layer: int, param: str, dW: torch.Tensor) -> LayerDelta:
-    """A dense ΔW (d_out, d_in) as factors of rank min(d_out, d_in)."""
-    d_out, d_in = dW.shape
-    if d_out <= d_in:
-        return LayerDelta(layer, param, torch.eye(d_out, dtype=torch.float32), dW.T.float().contiguous())
-    return LayerDelta(layer, param, dW.float().contiguous(), torch.eye(d_in, dtype=torch.float32))
+    """A dense ΔW (d_out, d_in) as factors of its numerical rank r (≤ the number of facts N: ΔW =
+    B M⁻¹ with B = Σ R Kᵀ), from its SVD in float64 with numpy's matrix_rank tolerance. The live
+    weights add a delta one rank-1 term at a time (editors.apply.compose), so rank N instead of
+    min(d_out, d_in) makes every later composition of a small consolidation ~100× cheaper."""
+    U, S, Vh = torch.linalg.svd(dW.to(torch.float64), full_matrices=False)  # (d_out, k), (k,), (k, d_in)
+    tol = float(S.max()) * max(dW.shape) * torch.finfo(torch.float64).eps if S.numel() else 0.0
+    r = max(1, int((S > tol).sum()))
+    return LayerDelta(layer, param, (U[:, :r] * S[:r]).float().contiguous(), Vh[:r].T.float().contiguous())
 
 
 def solve_sums(A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, lam: float, alpha: float = 0.0,
@@ -149,33 +152,108 @@ def resolve_recorded(keys: dict[int, torch.Tensor], values: dict[int, torch.Tens
 
 
 # --- the operation: `knowledger consolidate` -------------------------------------------------------
-# Targets. The ledger records per fact and layer (k, W k + R), not z itself, so the operation takes
-# each active fact's z from the LIVE weights, where the fact holds: layer L's output at the bare
-# prompt. The joint solve then writes all of them at once on the base weights (MEMIT's solve with
-# the workspace's hyperparameters). A fact that was top-1 before and is not after refuses the whole
-# consolidation (nothing written). PMET facts are treated the same way (their z is read at L's
-# block output, which is what the live weights produce); MALMEN operations are refused.
+# Targets. Each active fact's z is the one its newest active holder stored at apply time
+# (`fact_targets`, checksummed): exactly what that solve asked of layer L. Facts without a usable
+# stored z — applied before ledger revision 0007, by PMET (its z lives at L's MLP output), or at
+# another layer L than the workspace's hyperparameters edit now — get z read from the LIVE weights,
+# where the fact holds (layer L's output at the bare prompt), and the result says how many. The
+# joint solve writes all of them at once on the base weights (MEMIT's solve with the workspace's
+# hyperparameters); the operation stores the z it used for every fact, so a later consolidation,
+# and undoing one fact after this one, re-solve from the same targets: the state is a function of
+# the active set. A fact that was top-1 before and is not after refuses the whole operation
+# (nothing written). MALMEN and UltraEdit operations are refused.
 CHUNK = 256  # facts per key pass
 EXACT = 1e-3  # λ scale: near the equality-constrained (EMMET-like) solve, so every target is written
+SITE = "block"  # where MEMIT's z lives (agent.anchors.site_of)
+
+
+def _targets(editor, hp, reqs, stored: dict) -> tuple[torch.Tensor, int, list[str]]:
+    """(z (N, d) for `reqs`, how many were stored, notes): the stored targets, else layer L's
+    output on the live weights."""
+    use = {r.id: stored[r.id] for r in reqs
+           if r.id in stored and stored[r.id].layer == hp.v_layer and stored[r.id].site == SITE}
+    missing = [r for r in reqs if r.id not in use]
+    live_z = {}
+    if missing:
+        cur = torch.cat([editor._keys_and_current(missing[i:i + CHUNK], hp.v_layer, editor.contexts)[1]
+                         for i in range(0, len(missing), CHUNK)])  # (m, d) on the live weights
+        live_z = {r.id: cur[j] for j, r in enumerate(missing)}
+    z = torch.stack([torch.as_tensor(use[r.id].value, dtype=torch.float32) if r.id in use else live_z[r.id]
+                     for r in reqs])  # (N, d)
+    notes = []
+    if missing:
+        notes.append(f"{len(missing)} of {len(reqs)} fact(s) had no stored target at layer {hp.v_layer} "
+                     f"(applied before ledger revision 0007, by PMET, or at another last layer): their "
+                     f"z was read from the live weights")
+    return z, len(use), notes
+
+
+def _solve_record(es, live, reqs, z, before, *, hp, editor, base_model_id, why: str, metrics: dict):
+    """One `consolidate` OpRecord: all `reqs` re-solved jointly on the base weights from their
+    targets z (N, d), put in place on top of `live`'s current active deltas (kept as they are).
+    Raises KnowledgerError, nothing recorded, if a fact top-1 in `before` is not after."""
+    import time
+
+    from knowledger.agent import recipes
+    from knowledger.agent.batch import CRITERION, _norm_growth
+    from knowledger.agent.errors import KnowledgerError
+    from knowledger.agent.jsonutil import json_safe
+    from knowledger.agent.live import ActiveDelta, factors_from_delta, stored_delta
+    from knowledger.agent.records import FactOutcome, OpRecord, clean_outcome
+    from knowledger.editors.evaluate import aggregate, fact_metrics
+    from knowledger.ledger import repository as repo
+    from knowledger.ledger.models import OperationKind, RequestOutcome, RequestStatus
+
+    t0 = time.perf_counter()
+    keep, h_before = list(live.active), live.state_hash
+    live.set_active([])  # the base weights in place
+    found: dict = {}
+    try:
+        deltas = consolidate(live.model, editor.spec, reqs, z, layers=editor.layers, keys=editor_keys(editor),
+                             second_moments=editor.second_moments, lam=hp.mom2_weight * EXACT,
+                             distribution=editor.distribution, chunk=CHUNK, progress=es.progress, record=found)
+    finally:
+        live.set_active(keep)
+    seq = es.next_seq
+    stored = [stored_delta(d) for d in deltas]
+    live.set_active(keep + [ActiveDelta(seq, -1, d) for d in stored])
+    after = fact_metrics(live.model, live.tokenizer, reqs)
+    lost = [r.id for r, b, a in zip(reqs, before, after)
+            if b.get(CRITERION, 0.0) >= 1.0 and a.get(CRITERION, 0.0) < 1.0]
+    if lost:
+        live.set_active(keep)
+        raise KnowledgerError(f"consolidation would lose fact(s) {', '.join(f'#{i}' for i in lost)} "
+                              f"(no longer top-1): nothing written")
+    recipe = recipes.recipe_of("memit", hp, editor)
+    rec = OpRecord(seq=es.take_seq(), kind=OperationKind.consolidate, base_model_id=base_model_id,
+                   editor="memit", distribution=recipe.distribution, hparams=recipe.hparams, before=h_before,
+                   after=live.state_hash, deltas=[factors_from_delta(d) for d in stored])
+    for layer, (K, V) in found.items():  # (d_in, N), (d, N)
+        for j, r in enumerate(reqs):
+            rec.vectors.append(repo.FactVectors(r.id, layer, K[:, j].numpy(), V[:, j].numpy()))
+    rec.targets = [repo.TargetVector(r.id, hp.v_layer, SITE, z[j].float().cpu().numpy())
+                   for j, r in enumerate(reqs)]
+    rec.facts = [clean_outcome(FactOutcome(r.id, RequestOutcome.applied, RequestStatus.applied,
+                                           f"{why} (operation seq {seq})", dict(before=b, after=a)))
+                 for r, b, a in zip(reqs, before, after)]
+    es.track(rec)
+    rec.timings = dict(total_s=time.perf_counter() - t0)
+    rec.metrics = json_safe(dict(criterion=CRITERION, facts=len(reqs), before=aggregate(before),
+                                 after=aggregate(after), norm_growth=_norm_growth(es), **metrics))
+    return rec
 
 
 def consolidate_workspace(ws, *, wait: bool = False, progress=None):
     """Re-solve every active fact jointly against the base weights as ONE `consolidate` operation
     of a new lineage (a new base_models row for the same weights; nothing deleted). Returns an
     agent.records.OperationsResult."""
-    import time
-
-    from knowledger.agent import recipes
-    from knowledger.agent.batch import CRITERION, _norm_growth
     from knowledger.agent.errors import KnowledgerError, NothingToDo
-    from knowledger.agent.jsonutil import json_safe
-    from knowledger.agent.live import ActiveDelta, LiveModel, factors_from_delta, stored_delta
-    from knowledger.agent.records import FactOutcome, OpRecord, clean_outcome, edit_requests
+    from knowledger.agent.live import LiveModel
+    from knowledger.agent.records import edit_requests
     from knowledger.agent.session import session
-    from knowledger.editors.evaluate import aggregate, fact_metrics
+    from knowledger.editors.evaluate import fact_metrics
     from knowledger.editors.methods import closed_form_names
     from knowledger.ledger import repository as repo
-    from knowledger.ledger.models import OperationKind, RequestOutcome, RequestStatus
 
     with session(ws, what="consolidate", wait=wait, progress=progress) as es:
         live = es.live
@@ -187,50 +265,60 @@ def consolidate_workspace(ws, *, wait: bool = False, progress=None):
                 raise KnowledgerError(f"operation seq {odd[0].seq} was made by {odd[0].editor}: consolidation "
                                       f"re-solves closed-form edits only (undo it first, or keep the history)")
             rows = [req for _, req in repo.active_facts(s, base.id)]
+            stored = repo.active_targets(s, base.id, [r.id for r in rows])
             new_base = dict(name_or_path=base.name_or_path, architecture=base.architecture,
                             weights_sha256=base.weights_sha256, config=base.config_json)
         if not rows:
             raise NothingToDo("nothing to consolidate: no applied fact is in the live weights")
-        t0 = time.perf_counter()
         hp = es.hparams()
         editor = es.editor("memit", hp)
         reqs = edit_requests(rows)
         before = fact_metrics(live.model, live.tokenizer, reqs)
-        z = torch.cat([editor._keys_and_current(reqs[i:i + CHUNK], hp.v_layer, editor.contexts)[1]
-                       for i in range(0, len(reqs), CHUNK)])  # (N, d): layer L's output on the live weights
+        z, n_stored, notes = _targets(editor, hp, reqs, stored)
+        es.notes += notes
         old_hash, old_head = live.state_hash, es.head_seq
         live.set_active([])  # the base weights in place
-        found: dict = {}
-        deltas = consolidate(live.model, editor.spec, reqs, z, layers=editor.layers, keys=editor_keys(editor),
-                             second_moments=editor.second_moments, lam=hp.mom2_weight * EXACT,
-                             distribution=editor.distribution, chunk=CHUNK, progress=progress,
-                             record=found)
         new = LiveModel(live.lm, None, live.base_sha256)
         es.start_lineage(new)
-        seq, h_before = es.take_seq(), new.state_hash
-        stored = [stored_delta(d) for d in deltas]
-        new.set_active([ActiveDelta(seq, -1, d) for d in stored])
-        after = fact_metrics(new.model, new.tokenizer, reqs)
-        lost = [r.id for r, b, a in zip(reqs, before, after)
-                if b.get(CRITERION, 0.0) >= 1.0 and a.get(CRITERION, 0.0) < 1.0]
-        if lost:
-            raise KnowledgerError(f"consolidation would lose fact(s) {', '.join(f'#{i}' for i in lost)} "
-                                  f"(no longer top-1): nothing written")
-        recipe = recipes.recipe_of("memit", hp, editor)
-        rec = OpRecord(seq=seq, kind=OperationKind.consolidate, base_model_id=None, editor="memit",
-                       distribution=recipe.distribution, hparams=recipe.hparams, before=h_before,
-                       after=new.state_hash, deltas=[factors_from_delta(d) for d in stored])
-        for layer, (K, V) in found.items():  # (d_in, N), (d, N)
-            for j, r in enumerate(reqs):
-                rec.vectors.append(repo.FactVectors(r.id, layer, K[:, j].numpy(), V[:, j].numpy()))
-        rec.facts = [clean_outcome(FactOutcome(r.id, RequestOutcome.applied, RequestStatus.applied,
-                                               f"consolidated (operation seq {seq})", dict(before=b, after=a)))
-                     for r, b, a in zip(reqs, before, after)]
-        es.track(rec)
-        rec.timings = dict(total_s=time.perf_counter() - t0)
-        rec.metrics = json_safe(dict(criterion=CRITERION, facts=len(reqs), consolidated_seq=old_head,
-                                     consolidated_sha256=old_hash, operations=[op.seq for op in active],
-                                     before=aggregate(before), after=aggregate(after),
-                                     norm_growth=_norm_growth(es)))
+        rec = _solve_record(es, new, reqs, z, before, hp=hp, editor=editor, base_model_id=None,
+                            why="consolidated",
+                            metrics=dict(consolidated_seq=old_head, consolidated_sha256=old_hash,
+                                         operations=[op.seq for op in active],
+                                         stored_targets=n_stored))
         es.commit([rec], new_base=new_base)
         return es.result([rec])
+
+
+def reconsolidate_without(es, target, fact, applied):
+    """Undoing one fact of consolidation `target` (agent.undo): checks, then returns the
+    `reapply(rest)` that re-solves the other facts jointly on the base weights from the targets the
+    consolidation stored, with its recorded hyperparameters — so the result equals consolidating
+    those N−1 facts (the state is a function of the active set). `applied`: the consolidation's
+    facts still applied. Evaluated now, before anything is undone (the facts' "before")."""
+    from knowledger.agent.errors import KnowledgerError
+    from knowledger.agent.records import edit_requests
+    from knowledger.editors.evaluate import fact_metrics
+    from knowledger.ledger import repository as repo
+
+    with es.ws.reading() as s:
+        stored = {t.request_id: t for t in map(repo.load_target, repo.operation_targets(s, target.id))}
+    rest = [r for r in applied if r.id != fact.id]
+    if rest and any(r.id not in stored for r in rest):
+        raise KnowledgerError(f"consolidation seq {target.seq} stored no targets (it was made before ledger "
+                              f"revision 0007): undoing one of its facts is not possible; `undo --op "
+                              f"{target.seq}` undoes the whole consolidation, or consolidate again first")
+    hp = es.batch_hparams("memit", target)
+    editor = es.editor("memit", hp)
+    reqs = edit_requests(rest)
+    if any(stored[r.id].layer != hp.v_layer or stored[r.id].site != SITE for r in reqs):
+        raise KnowledgerError(f"consolidation seq {target.seq}'s stored targets are not at layer {hp.v_layer}")
+    z = torch.stack([torch.as_tensor(stored[r.id].value, dtype=torch.float32) for r in reqs])  # (N-1, d)
+    before = fact_metrics(es.live.model, es.live.tokenizer, reqs) if reqs else []
+
+    def reapply(_rows):  # the rest of the consolidation's facts: `reqs`, in its order
+        return _solve_record(es, es.live, reqs, z, before, hp=hp, editor=editor,
+                             base_model_id=es.live.base_model_id,
+                             why=f"re-consolidated without fact #{fact.id}",
+                             metrics=dict(reconsolidated_seq=target.seq, without=[fact.id],
+                                          stored_targets=len(reqs)))
+    return reapply

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from knowledger.agent.loaded import LoadedModel, open_model
+from knowledger.agent.anchors import PILOT_METHOD, measure, site_of, wants_anchor
 from knowledger.agent.recipes import direct_editor, resolve_hparams
 from knowledger.agent.scheduler import MALMEN
 from knowledger.editors.apply import apply_deltas
@@ -47,7 +48,9 @@ def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams
                 progress: Progress | None = None, top_k: int = 3, hypernet=None) -> dict:
     """Edit the loaded model in place (no ledger) and report before/after top tokens per prompt.
 
-    ROME edits one fact at a time, so several facts are applied one after another.
+    ROME edits one fact at a time, so several facts are applied one after another. With `nas` on
+    and no `nas_anchor`, the anchor is measured first from the pilot facts (agent.anchors.measure)
+    on the model as loaded, which is taken to be the clean one.
     """
     from knowledger.editors.apply import apply_from_base, snapshot_params
     from knowledger.editors.evaluate import fact_metrics, top_tokens
@@ -58,6 +61,9 @@ def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams
                                                                            *(q for q, _ in r.neighborhood))}
                 for r in requests]
 
+    if wants_anchor(method, hp):  # NAS without a ledger: the anchor is measured now, on the model as loaded
+        pilot = direct_editor(lm, PILOT_METHOD[site_of(method)], hp.replace(nas=False), corpus, progress=progress)
+        hp = hp.replace(nas_anchor=measure(pilot, progress=progress)[0].norm)
     editor = direct_editor(lm, method, hp, corpus, progress=progress, hypernet=hypernet)
     before = probe()
     groups = get_method(method).batches(requests)  # ROME: one fact per batch

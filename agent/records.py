@@ -38,6 +38,7 @@ class OpRecord:
     hparams: dict | None = None
     deltas: list[repo.DeltaFactors] = field(default_factory=list)
     vectors: list[repo.FactVectors] = field(default_factory=list)
+    targets: list[repo.TargetVector] = field(default_factory=list)  # z at layer L per applied fact
     facts: list[FactOutcome] = field(default_factory=list)
     before: str | None = None
     after: str | None = None

@@ -6,16 +6,16 @@ it holds the workspace lock (agent.lock), marks operations a killed process left
 failed (`recover`), and opens the live model (agent.live: base + active deltas, snapshot checked
 against the ledger head). Work is computed in memory with no database transaction open (a
 `submit` meanwhile never waits), then written in ONE write transaction (`EditSession.commit`):
-the operation rows, their factored deltas and key/value vectors (blobs with sha256), per-fact
-outcomes and metrics, hparams, timings and the weights hash after each, the facts' status
-changes, the past-edit memory and UltraEdit's lifelong statistics (agent.lifelong). Only then is
-the snapshot rewritten; a crash in between leaves a stale snapshot, which the next command
-detects and rebuilds.
+the operation rows, their factored deltas, key/value vectors and residual targets (blobs with
+sha256), per-fact outcomes and metrics, NAS anchors measured on the way, hparams, timings and the
+weights hash after each, the facts' status changes, the past-edit memory and UltraEdit's lifelong
+statistics (agent.lifelong). Only then is the snapshot rewritten; a crash in between leaves a
+stale snapshot, which the next command detects and rebuilds.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from knowledger.agent import batch
 from knowledger.agent import lifelong as alife
@@ -47,6 +47,7 @@ class EditSession:
     editors: recipes.Editors | None = None
     memory_state: KeyMemory | None = None  # the past-edit memory of the live weights (agent.memory)
     lifelong_state: LifelongStats | None = None  # UltraEdit's statistics of the lineage (agent.lifelong)
+    anchors: list = field(default_factory=list)  # NAS anchors measured here (agent.anchors.Measured)
 
     def __post_init__(self):
         if self.editors is None:
@@ -113,14 +114,14 @@ class EditSession:
     def edit_batch(self, rows: list[Request], method: str, hp, **kw) -> OpRecord:
         return batch.edit_batch(self, rows, method, hp, **kw)
 
-    def reuse_record(self, op, rows, factors, vectors) -> OpRecord:
-        return batch.reuse_record(self, op, rows, factors, vectors)
+    def reuse_record(self, op, rows, factors, vectors, targets=()) -> OpRecord:
+        return batch.reuse_record(self, op, rows, factors, vectors, targets)
 
     def undo_record(self, target_id: int, target_seq: int, reverted: list[int]) -> OpRecord:
         return batch.undo_record(self, target_id, target_seq, reverted)
 
-    def undo_records(self, target, fact, applied, later) -> list[OpRecord]:
-        return batch.undo_records(self, target, fact, applied, later)
+    def undo_records(self, target, fact, applied, later, reapply=None) -> list[OpRecord]:
+        return batch.undo_records(self, target, fact, applied, later, reapply)
 
     # --- writing -------------------------------------------------------------------------------------
     def commit(self, records: list[OpRecord], *, new_base: dict | None = None,
@@ -136,7 +137,7 @@ class EditSession:
             for rec in records:
                 op = repo.record_operation(
                     s, kind=rec.kind, base_model_id=rec.base_model_id or base_id, deltas=rec.deltas,
-                    vectors=rec.vectors, status=rec.status, started_at=rec.started_at,
+                    vectors=rec.vectors, targets=rec.targets, status=rec.status, started_at=rec.started_at,
                     editor=rec.editor, distribution=rec.distribution, hparams_json=rec.hparams,
                     layers_json=sorted({d.layer for d in rec.deltas}) or None,
                     target_operation_id=rec.target_operation_id, timings_json=rec.timings,
@@ -155,6 +156,8 @@ class EditSession:
                     if f.status is not None:
                         repo.set_request_status(s, repo.get_request(s, f.request_id), f.status,
                                                 reason=f.reason, operation_id=op.id)
+            for m in self.anchors:  # measured by this command (agent.anchors), beside the base model
+                repo.add_anchor(s, **m.row(base_id or self.live.base_model_id))
             changed = [r.seq for r in records if r.after is not None and r.status == OperationStatus.committed]
             if changed:  # the memory of the live weights, stamped with the new head, same transaction
                 amem.save(s, base_id or self.live.base_model_id, self.memory(), max(changed))

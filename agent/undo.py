@@ -17,6 +17,12 @@ applied a fact (its *original*) keeps holding it. So:
 - `redo` of a heal is refused (`knowledger audit --heal` heals what has drifted now); `redo FACT`
   of a fact whose latest holder was a heal is redone from its original operation.
 Without active heals all of this is plain undo/redo.
+
+Undoing one fact of a `consolidate` operation undoes the consolidation and re-consolidates its
+other facts (a new `consolidate` operation of the same lineage, solved on the base weights from
+the targets the consolidation stored; agent.consolidate.reconsolidate_without): the result is
+the consolidation of the remaining facts, exactly. Later operations stay on top as they are
+(with `--rebase` their facts are recomputed on top, as for any undo).
 """
 from __future__ import annotations
 
@@ -99,10 +105,6 @@ def undo(ws: Workspace, *, fact_id: int | None = None, seq: int | None = None, r
                     raise KnowledgerError(f"fact #{fact_id} is applied but no active operation holds it "
                                           f"(run knowledger replay)")
                 target = held[-1]
-                if target.kind == OperationKind.consolidate:
-                    raise KnowledgerError(f"fact #{fact_id} is held by consolidation seq {target.seq}: undoing "
-                                          f"one fact of a consolidation is not supported yet (undo --op "
-                                          f"{target.seq} undoes the whole consolidation)")
             else:
                 target = _undoable_op(s, base_id, seq)
             if target.kind != HEAL:
@@ -112,11 +114,15 @@ def undo(ws: Workspace, *, fact_id: int | None = None, seq: int | None = None, r
                 facts = {r.id for r in applied} | {r.id for _, rs in later for r in rs}
                 drop = [h for h in heals if (rebase and h.seq > target.seq)
                         or facts & {r.id for r in applied_facts(s, h.id)}]
+        reapply = None
+        if fact is not None and target.kind == OperationKind.consolidate:  # the rest: re-consolidated
+            from knowledger.agent.consolidate import reconsolidate_without
+            reapply = reconsolidate_without(es, target, fact, applied)
         records = [es.undo_record(h.id, h.seq, []) for h in reversed(drop)]
         if target.kind == HEAL:
             records.append(es.undo_record(target.id, target.seq, []))
         else:
-            records += es.undo_records(target, fact, applied, later)
+            records += es.undo_records(target, fact, applied, later, reapply)
         es.commit(records)
         return es.result(records)
 
@@ -161,8 +167,9 @@ def redo(ws: Workspace, *, fact_id: int | None = None, seq: int | None = None, w
             if reuse:
                 factors = [repo.load_delta(d) for d in repo.operation_deltas(s, op.id)]
                 vectors = [repo.load_vectors(v) for v in repo.operation_vectors(s, op.id)]
+                targets = [repo.load_target(t) for t in repo.operation_targets(s, op.id)]
         if reuse:
-            rec = es.reuse_record(op, rows, factors, vectors)
+            rec = es.reuse_record(op, rows, factors, vectors, targets)
         else:
             rec = es.edit_batch(rows, op.editor, es.batch_hparams(op.editor, op), kind=OperationKind.redo,
                                 target=(op.id, op.seq), why="redone (recomputed alone)")

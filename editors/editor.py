@@ -100,6 +100,9 @@ class Editor:
         progress: progress("values", facts done, facts), then ("keys", layers done, layers)."""
         requests = list(requests)
         self.m.check_batch(len(requests))
+        if self.hp.nas and not self.hp.nas_anchor > 0:
+            raise ValueError("hparams.nas is on but no nas_anchor is given: a workspace measures and looks "
+                             "it up itself (agent.anchors); elsewhere pass nas_anchor (editors.nas.measure_anchor)")
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         contexts = self.contexts
@@ -130,6 +133,8 @@ class Editor:
                     if self.hp.nas:  # norm anchors (editors.nas): refused facts ask for no change
                         anchored = anchor_targets(z, self.hp.nas_anchor, self.hp.nas_max_ratio, fallback=cur)
                         z, result.diagnostics["refused"] = anchored.values, anchored.refused
+                    result.targets, result.target_layer = z.float(), self.hp.v_layer  # (n, d)
+                    result.target_site = "mlp" if pmet else "block"
                 timings["keys_s"] += time.perf_counter() - t
 
                 t = time.perf_counter()

@@ -171,7 +171,9 @@ class EditHParams:
 
     # --- NAS norm anchors (editors.nas; arXiv 2602.02543) --------------------------------------
     nas: bool = False  # rescale every solved target v* to ‖v*‖ = nas_anchor; refuse > max_ratio×
-    nas_anchor: float = 0.0  # ā, measured on the clean base model (editors.nas.measure_anchor)
+    nas_anchor: float = 0.0  # ā, measured on the clean base model (editors.nas.measure_anchor);
+    # 0 with nas on: "the workspace's anchor", which the agent measures once per base model and
+    # fills in (agent.anchors) before an editor computes; the editor refuses to compute without one
     nas_max_ratio: float = 2.0  # a target with ‖v*‖ > nas_max_ratio · ā is refused (fact failed)
 
     # --- UltraEdit (editors.ultraedit; arXiv 2505.14679): its own modules, no v*, no key statistics --
@@ -186,8 +188,6 @@ class EditHParams:
     def __post_init__(self):
         for f in dataclasses.fields(self):  # parse by the field's type, check its range
             object.__setattr__(self, f.name, parse_value(f.name, getattr(self, f.name)))
-        if self.nas and not self.nas_anchor > 0:
-            raise HParamError("hparams.nas needs nas_anchor > 0 (measure it: editors.nas.measure_anchor)")
 
     @property
     def v_layer(self) -> int:

@@ -19,15 +19,44 @@ rewrite prompt, and v* = z is the target the editor solves for (editors.editor: 
 The editor applies 3 when `hparams.nas` is on, with `hparams.nas_anchor` = ā (recorded with the
 operation's hparams, so the edit is reproducible); refused facts are listed, with their reason,
 in `EditResult.diagnostics["refused"]` ({request index: reason}) and the agent marks them failed.
+
+The pilot facts are `PILOT_FACTS`: 20 fixed counterfactual rewrites (generic subjects, common
+relations), the same for every model, so an anchor is reproducible and `PILOT_SHA256` names the set
+it came from. The agent (agent.anchors) runs them once per base model and stores the anchor in
+the ledger beside it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 
 import torch
 
+from .requests import EditRequest
+
 DROP_ABOVE_PERCENTILE = 95.0
+
+# (prompt, subject, target_new): counterfactual rewrites in CounterFact's style, none of them true
+PILOT_FACTS: tuple[tuple[str, str, str], ...] = (
+    ("The capital of {} is", "France", "Berlin"), ("{} is located in the continent of", "Brazil", "Asia"),
+    ("The official language of {} is", "Japan", "Spanish"), ("{} was born in the city of", "Albert Einstein", "Madrid"),
+    ("{} plays the sport of", "Lionel Messi", "baseball"), ("The headquarters of {} are in", "Google", "Paris"),
+    ("{} is a product made by", "iPhone", "Nokia"), ("{} speaks the language", "Vladimir Putin", "French"),
+    ("The mother tongue of {} is", "Angela Merkel", "Italian"), ("{} is a citizen of", "Barack Obama", "Canada"),
+    ("{} works in the field of", "Isaac Newton", "music"), ("The religion of {} is", "the Dalai Lama", "Islam"),
+    ("{} was founded in the city of", "Toyota", "London"), ("{} is affiliated with the", "Manchester United", "NBA"),
+    ("The original broadcaster of {} was", "The Simpsons", "BBC"), ("{} plays the instrument", "Jimi Hendrix", "piano"),
+    ("{} is the capital city of", "Tokyo", "Mexico"), ("The genre of {} is", "Metallica", "jazz"),
+    ("{} is a member of the", "Germany", "African Union"), ("The author of {} is", "Hamlet", "Tolstoy"),
+)
+PILOT_SHA256 = hashlib.sha256(json.dumps(PILOT_FACTS).encode()).hexdigest()
+
+
+def pilot_requests() -> list[EditRequest]:
+    """PILOT_FACTS as edit requests (what `pilot_norms` is given to measure an anchor)."""
+    return [EditRequest(p, s, t) for p, s, t in PILOT_FACTS]
 
 
 class AnchorError(ValueError):
@@ -115,26 +144,20 @@ def anchor_targets(values: torch.Tensor, anchor: float, max_ratio: float = 2.0, 
 def pilot_norms(editor, requests, *, progress=None) -> torch.Tensor:
     """‖v*‖ (n,) for pilot facts on the editor's model as it is now (call it on the CLEAN weights).
 
-    v* = v₀ + δ: δ from the editor's own value optimisation (editors.values), v₀ the output of
-    layer L = hparams.v_layer at the subject's last token of each bare prompt. Nothing is applied.
+    v* = v₀ + δ, as the editor's compute() forms it: δ from the editor's own value optimisation
+    (editors.values, with the method's value hparams), v₀ the editor's "current output" of layer
+    L = hparams.v_layer at the subject's last token of each bare prompt (the block's output; L's
+    MLP output for PMET). Nothing is applied.
     """
-    from .forward import capture
-    from .tokens import encode_with_subject, pad_id, pad_right
     from .values import optimise_values
 
+    requests = list(requests)
     if not requests:
         raise AnchorError("no pilot facts")
-    hp, spec, tok = editor.hp, editor.spec, editor.tokenizer
+    hp, pmet = editor.hp, editor.m.optimise == "pmet"
     with torch.enable_grad():
-        targets = optimise_values(editor.model, tok, spec, requests, hp, editor.contexts,
-                                  pmet=editor.method == "pmet", progress=progress)
-    rows, subj = [], []
-    for r in requests:
-        ids, s = encode_with_subject(tok, "", r.prompt, r.subject)
-        rows.append(ids[: s + 1]); subj.append(s)
-    batch = pad_right(rows, subj, pad_id(tok))
-    L = hp.v_layer
+        targets = optimise_values(editor.model, editor.tokenizer, editor.spec, requests,
+                                  editor.m.value_hparams(hp), editor.contexts, pmet=pmet, progress=progress)
     with torch.no_grad():
-        out = capture(editor.model, spec, batch.ids, block_outputs=[L])[f"out:{L}"]  # (n, T, d)
-    v0 = out[torch.arange(len(rows)), batch.subject_pos].double()  # (n, d)
-    return (v0 + targets.delta.double()).norm(dim=1)  # (n,)
+        _, v0 = editor._keys_and_current(requests, hp.v_layer, editor.contexts)  # (n, d)
+    return (v0.double() + targets.delta.double()).norm(dim=1)  # (n,)

@@ -70,3 +70,9 @@ class EditResult:
     diagnostics: dict = field(default_factory=dict)  # per layer: residual before/after, norms
     # per request: did v* reach its goal (target top-1 on every optimisation prompt), final loss
     value_stats: list[dict] = field(default_factory=list)
+    # the residual target z (n, d) the solve asked of layer `target_layer` (L, the last edited one)
+    # at each fact's subject (anchored when NAS is on); `target_site` "block" (the block's output)
+    # or "mlp" (L's MLP output: PMET). None for editors without one (MALMEN, UltraEdit)
+    targets: torch.Tensor | None = None
+    target_layer: int | None = None
+    target_site: str | None = None

@@ -9,6 +9,8 @@ The whole lifecycle of a knowledge edit is modelled here, so later work adds beh
     base_models ─< edit_memory                          (Σ k kᵀ of the active edits, per layer)
     operations ─< ultraedit_stats >── base_models       (UltraEdit's lifelong statistics, per layer)
     artifacts ─< operations                             (the MALMEN hyper-network an operation used)
+    operations ─< fact_targets >── edit_requests        (the residual target z at layer L per fact)
+    nas_anchors                                         (NAS reference norm, per base weights sha256)
     counters                                            (operation_seq: the database numbers operations)
 
 Append-only: no row is ever deleted (nor is an `artifacts` row ever changed: registering the same
@@ -237,6 +239,53 @@ class RequestVector(Base):
     key: Mapped[bytes] = mapped_column(LargeBinary)
     value: Mapped[bytes] = mapped_column(LargeBinary)
     sha256: Mapped[str] = mapped_column(String(64))  # over key then value bytes
+
+
+class FactTarget(Base):
+    """The residual target z (d,) one fact was written with by one operation: the output of layer
+    `layer` (L, the last edited one) at the subject's last token of the bare prompt that the solve
+    asked for, v* = v₀ + δ (anchored when NAS was on). No layer above L is edited, so z stays a
+    valid target whatever the layers below do: consolidation re-solves the active facts from it.
+    `site` is where z lives: "block" (the block's output; MEMIT, EMMET, AlphaEdit, ENCORE, ROME)
+    or "mlp" (layer L's MLP output; PMET)."""
+
+    __tablename__ = "fact_targets"
+    __table_args__ = (UniqueConstraint("operation_id", "request_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operation_id: Mapped[int] = mapped_column(ForeignKey("operations.id"), index=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("edit_requests.id"), index=True)
+    layer: Mapped[int]
+    site: Mapped[str] = mapped_column(String(16))
+    value: Mapped[bytes] = mapped_column(LargeBinary)  # (d,) float32, safetensors bytes
+    sha256: Mapped[str] = mapped_column(String(64))
+
+
+class NasAnchor(Base):
+    """A NAS reference norm ā (editors.nas) measured once on clean base weights from pilot edits.
+
+    Keyed by what it depends on: the base weights (`weights_sha256`, so every lineage of the same
+    weights shares it), the layer L whose output the targets live at and the `site` there ("block"
+    or "mlp"). `pilot_sha256` names the pilot facts, `hparams_json` the v* optimisation they ran
+    with, `pilot_norms_json` the measured ‖v*‖ (ā is recomputable from them). Never changed; a
+    re-measurement adds a row and the newest one is used."""
+
+    __tablename__ = "nas_anchors"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    weights_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    base_model_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id"))  # measured for
+    layer: Mapped[int]
+    site: Mapped[str] = mapped_column(String(16))
+    norm: Mapped[float]  # ā
+    n_pilot: Mapped[int]
+    n_used: Mapped[int]  # after dropping the high tail
+    cutoff: Mapped[float]  # pilot norms above this were dropped
+    rule: Mapped[str] = mapped_column(Text)
+    pilot_norms_json: Mapped[list]
+    pilot_sha256: Mapped[str] = mapped_column(String(64))
+    hparams_json: Mapped[dict]
+    measured_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AuditRun(Base):

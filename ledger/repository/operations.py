@@ -12,9 +12,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from knowledger.ledger import blobs
-from knowledger.ledger.models import (BaseModel, Counter, Delta, Operation, OperationKind,
-                                      OperationRequest, OperationStatus, RequestOutcome,
-                                      RequestVector, utcnow)
+from knowledger.ledger.models import (BaseModel, Counter, Delta, FactTarget, Operation,
+                                      OperationKind, OperationRequest, OperationStatus,
+                                      RequestOutcome, RequestVector, utcnow)
 
 
 def add_base_model(session: Session, *, name_or_path: str, architecture: str, weights_sha256: str,
@@ -58,6 +58,16 @@ class FactVectors:
     value: np.ndarray  # (d_out,)
 
 
+@dataclass(frozen=True)
+class TargetVector:
+    """One fact's residual target z (d,) at layer L (`site` "block" or "mlp"; models.FactTarget)."""
+
+    request_id: int
+    layer: int
+    site: str
+    value: np.ndarray  # (d,)
+
+
 def knowledger_version() -> str:
     try:
         return metadata.version("knowledger")
@@ -93,10 +103,11 @@ def take_seq(session: Session) -> int:
 def record_operation(session: Session, *, kind: OperationKind, base_model_id: int,
                      request_ids: Sequence[int] = (), deltas: Iterable[DeltaFactors] = (),
                      vectors: Iterable[FactVectors] = (),
+                     targets: Iterable[TargetVector] = (),
                      status: OperationStatus = OperationStatus.committed,
                      outcome: RequestOutcome = RequestOutcome.applied,
                      started_at: datetime | None = None, **fields: Any) -> Operation:
-    """Insert one operation with its facts (in batch order), factored deltas and vectors.
+    """Insert one operation with its facts (in batch order), factored deltas, vectors and targets.
 
     `fields` are further Operation columns (editor, distribution, hparams_json, layers_json,
     target_operation_id, timings_json, metrics_json, error, weights_sha256_before/after).
@@ -119,6 +130,10 @@ def record_operation(session: Session, *, kind: OperationKind, base_model_id: in
         key, value = blobs.encode(v.key), blobs.encode(v.value)
         session.add(RequestVector(operation_id=op.id, request_id=v.request_id, layer=v.layer,
                                   key=key, value=value, sha256=blobs.sha256(key, value)))
+    for t in targets:
+        value = blobs.encode(np.asarray(t.value, dtype=np.float32))
+        session.add(FactTarget(operation_id=op.id, request_id=t.request_id, layer=t.layer, site=t.site,
+                               value=value, sha256=blobs.sha256(value)))
     session.flush()
     return op
 

@@ -110,10 +110,10 @@ def test_status(filled):
     assert r.output == (
         f"workspace:   {filled}\n"
         f"database:    sqlite:///{filled}/ledger.db\n"
-        "schema:      0006 (head)\n"
+        "schema:      0007 (head)\n"
         f"base model:  tiny-test-model (llama, weights {'ab' * 6})\n"
         "facts:       3 (pending 1, applied 1, superseded 1)\n"
         "operations:  1\n")
     info = json.loads(run("status", "--json", db=filled).output)
     assert info["facts"]["by_status"] == dict(pending=1, applied=1, superseded=1, rejected=0, reverted=0, failed=0)
-    assert info["schema"] == {"current": "0006", "head": "0006"} and info["operations"] == {"total": 1}
+    assert info["schema"] == {"current": "0007", "head": "0007"} and info["operations"] == {"total": 1}

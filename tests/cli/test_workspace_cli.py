@@ -12,7 +12,7 @@ from knowledger.ledger import migrate
 from knowledger.ledger.db import make_engine
 from tests.ledger.helpers import count_facts
 
-OUTDATED = ("Error: the workspace database is at schema revision 0001, this knowledger needs 0006: "
+OUTDATED = ("Error: the workspace database is at schema revision 0001, this knowledger needs 0007: "
             "run `knowledger db upgrade`\n")
 
 
@@ -90,14 +90,14 @@ def test_an_older_database_is_refused_by_every_command_but_db_upgrade(old_ws, ar
 
 def test_db_current_and_upgrade(old_ws):
     db = ["--db", str(old_ws)]
-    assert run("db", "current", *db).output == "0001 (head is 0006: run `knowledger db upgrade`)\n"
+    assert run("db", "current", *db).output == "0001 (head is 0007: run `knowledger db upgrade`)\n"
     info = json.loads(run("db", "current", "--json", *db).output)
-    assert info == {"database": f"sqlite:///{old_ws}/ledger.db", "current": "0001", "head": "0006",
+    assert info == {"database": f"sqlite:///{old_ws}/ledger.db", "current": "0001", "head": "0007",
                     "up_to_date": False}
     r = run("db", "upgrade", *db)
-    assert (r.exit_code, r.output) == (0, "Upgraded the workspace database from revision 0001 to 0006\n")
-    assert run("db", "upgrade", *db).output == "The workspace database is already at revision 0006\n"
-    assert run("db", "current", *db).output == "0006 (head)\n"
+    assert (r.exit_code, r.output) == (0, "Upgraded the workspace database from revision 0001 to 0007\n")
+    assert run("db", "upgrade", *db).output == "The workspace database is already at revision 0007\n"
+    assert run("db", "current", *db).output == "0007 (head)\n"
     assert count_facts(old_ws) == 1
     assert run("log", *db).output == "#1    pending    s x → t\n"
 

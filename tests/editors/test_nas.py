@@ -1,10 +1,14 @@
 """NAS norm anchors (editors.nas): float64 math, and the editor's flag-guarded call site."""
+import hashlib
+import json
+
 import pytest
 import torch
 
 from knowledger.editors.editor import Editor
 from knowledger.editors.hparams import EditHParams
-from knowledger.editors.nas import AnchorError, anchor_targets, measure_anchor, pilot_norms
+from knowledger.editors.nas import (PILOT_FACTS, PILOT_SHA256, AnchorError, anchor_targets, measure_anchor,
+                                   pilot_norms, pilot_requests)
 from tests.editors.test_editor import FACTS, TOK, identity_moments
 from tests.tiny import tiny_model
 
@@ -47,15 +51,35 @@ def test_measure_anchor_drops_the_high_tail_only():
         measure_anchor([1.0, float("nan")])
 
 
-def test_nas_hparams_need_an_anchor():
-    with pytest.raises(ValueError, match="nas_anchor"):
-        EditHParams(layers=(1, 2), nas=True)
+def test_nas_without_an_anchor_is_the_workspaces_anchor_and_the_editor_refuses_to_compute_without_one():
+    hp = EditHParams(layers=(1, 2), nas=True)  # nas_anchor 0: filled in by the agent (agent.anchors)
+    assert hp.nas and hp.nas_anchor == 0.0
     assert not EditHParams(layers=(1, 2)).nas  # off by default
+    with pytest.raises(ValueError, match="no nas_anchor is given"):
+        _editor(tiny_model("llama", init_range=0.1), nas=True).compute(FACTS)
 
 
-def _editor(model, **hp):
+def test_the_pilot_facts_are_fixed_and_named_by_their_sha256():
+    reqs = pilot_requests()
+    assert len(reqs) == len(PILOT_FACTS) == 20 and len({r.subject for r in reqs}) == 20
+    assert PILOT_SHA256 == hashlib.sha256(json.dumps(PILOT_FACTS).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("method, site", [("memit", "block"), ("pmet", "mlp")])
+def test_pilot_norms_are_the_norms_of_the_targets_the_editor_solves_for(method, site):
+    """‖v*‖ from pilot_norms == ‖z‖ of the same facts in compute() (its EditResult.targets), at
+    the site the method's target lives (PMET: layer L's MLP output)."""
+    model = tiny_model("llama", init_range=0.1)
+    ed = _editor(model, method=method)
+    norms = pilot_norms(ed, FACTS)  # (n,)
+    res = ed.compute(FACTS)
+    assert res.target_layer == 2 and res.target_site == site
+    torch.testing.assert_close(res.targets.double().norm(dim=1), norms, rtol=1e-4, atol=0)
+
+
+def _editor(model, method="memit", **hp):
     params = dict(layers=(1, 2), v_steps=10, n_context=1, mom2_weight=1.0, emmet_ridge=0.0, **hp)
-    return Editor(model, TOK, EditHParams(**params), method="memit",
+    return Editor(model, TOK, EditHParams(**params), method=method,
                   second_moments=identity_moments(model, range(4)))
 
 

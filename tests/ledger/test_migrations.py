@@ -33,14 +33,15 @@ def tables(engine) -> set[str]:
 
 
 def test_revisions_are_linear_and_end_at_the_noop_marker():
-    assert migrate.head_revision() == "0006"
-    assert [r.revision for r in migrate.script_directory().walk_revisions()] == ["0006", "0005", "0004", "0003", "0002", "0001"]
+    assert migrate.head_revision() == "0007"
+    assert [r.revision for r in migrate.script_directory().walk_revisions()] == ["0007", "0006", "0005", "0004",
+                                                                                  "0003", "0002", "0001"]
 
 
 def test_upgrade_downgrade_round_trip_on_an_empty_database(engine):
     for _ in range(2):
         migrate.upgrade(engine)
-        assert migrate.current_revision(engine) == "0006"
+        assert migrate.current_revision(engine) == "0007"
         assert tables(engine) == TABLES
         migrate.downgrade(engine, "base")
         assert migrate.current_revision(engine) is None
@@ -103,7 +104,7 @@ def test_0004_adds_artifacts_and_operations_artifact_id_and_its_downgrade_keeps_
             assert conn.exec_driver_sql("SELECT seq, editor FROM operations ORDER BY seq").all() == [
                 (1, "malmen"), (2, "emmet")]
         migrate.upgrade(ws.engine)
-        assert migrate.current_revision(ws.engine) == "0006"
+        assert migrate.current_revision(ws.engine) == "0007"
         assert "artifact_id" in columns(ws.engine, "operations")
         with ws.reading() as s:
             assert repo.list_artifacts(s) == []
@@ -120,7 +121,7 @@ def test_an_older_database_is_refused_with_one_line(ws_dir):
     with pytest.raises(SchemaOutdated) as e:
         open_workspace(ws_dir)
     assert str(e.value) == ("the workspace database is at schema revision 0001, this knowledger needs "
-                            "0006: run `knowledger db upgrade`")
+                            "0007: run `knowledger db upgrade`")
 
 
 def test_a_newer_database_is_refused(ws_dir):

@@ -104,7 +104,7 @@ def test_status_summary(tmp_path):
     make_workspace(tmp_path / "ws")
     with wsm.open_workspace(tmp_path / "ws") as ws:
         info = wsm.workspace_status(ws)
-    assert info["schema"] == {"current": "0006", "head": "0006"}
+    assert info["schema"] == {"current": "0007", "head": "0007"}
     assert info["facts"]["total"] == 0 and info["operations"] == {"total": 0}
     assert info["base_model"]["weights_sha256"] == "ab" * 32
 
