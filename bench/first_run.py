@@ -8,7 +8,7 @@ The command line is read from README.md (the `# 1.` line of the first bash block
 install` steps are skipped: install is timed separately). Per step: wall seconds, CPU seconds
 (user + system of the child), and every stderr/stdout line with the second it appeared at, so the
 phases inside `apply` can be read off. At the end: whether the edit held (the `ask` answer starts
-with " Rome"; the Louvre neighbour's prediction from the apply's report), and provenance (load,
+with " Rome"; then, untimed, `ask` of each --check prompt: the Louvre must stay " Paris"), and provenance (load,
 threads, versions). Prints a table; writes the JSON with --out.
 """
 from __future__ import annotations
@@ -71,6 +71,8 @@ def main() -> None:
     ap.add_argument("--knowledger", default=str(Path(sys.executable).parent / "knowledger"),
                     help="the knowledger executable (default: the one beside this python)")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--check", nargs="*", default=["The Louvre is located in the city of"],
+                    help="prompts asked after the timed command (not timed): the neighbours")
     ap.add_argument("--note", default="", help="free text stored in the JSON (machine state etc.)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -91,6 +93,11 @@ def main() -> None:
             if row["rc"] != 0:
                 break
         total = time.perf_counter() - t0
+        checks = {}  # after the timed command: the neighbour the README's edit must leave alone
+        if all(r["rc"] == 0 for r in rows):
+            for prompt in a.check:
+                r = run_step([a.knowledger, "ask", prompt], work, env, t0)
+                checks[prompt] = next((x["line"] for x in r["lines"] if x["stream"] == "out"), "")
     ask = next((r for r in rows if r["argv"][0] == "ask"), None)
     answer = "\n".join(x["line"] for x in ask["lines"] if x["stream"] == "out") if ask else ""
     from knowledger.agent.provenance import provenance
@@ -98,11 +105,13 @@ def main() -> None:
     result = dict(readme_steps=[" ".join(s) for s in steps], total_wall_s=round(total, 1),
                   total_cpu_s=round(sum(r["cpu_s"] for r in rows), 1), all_ok=all(r["rc"] == 0 for r in rows),
                   ask_output=answer, rome_top1=bool(re.search(r"Rome", answer.splitlines()[0] if answer else "")),
-                  load_avg_before=load_before, note=a.note, steps=rows, provenance=provenance(),
+                  checks=checks, load_avg_before=load_before, note=a.note, steps=rows, provenance=provenance(),
                   cache_was_empty=a.cache is None)
     print(f"{'total':<24}      wall {total:7.1f} s  cpu {result['total_cpu_s']:7.1f} s  "
           f"load before {load_before} after {result['provenance']['load_avg']}")
-    print("ask:", answer.splitlines()[:3])
+    print("ask:", answer.splitlines()[:1])
+    for prompt, top in checks.items():
+        print(f"check {prompt!r}: {top}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")

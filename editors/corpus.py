@@ -44,6 +44,7 @@ _WIKITEXT_MARKERS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 _SEED_PROMPTS = ("The", "In", "It is", "A", "This", "When", "There are", "One of the",
                  "Many", "According to", "After", "He", "She", "We", "Some", "Today")
 _TOKENIZE_BATCH = 64  # documents tokenised per call
+SAMPLE_ROWS = 256  # rows sampled at once (Corpus.sampled)
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class Corpus:
     # --- a corpus the model writes ---------------------------------------------------------------
     @classmethod
     def sampled(cls, model, tokenizer, n_tokens: int, seed: int = 0, *, weights_sha: str | None = None,
-                cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
+                cache_dir: str | os.PathLike | None = None, batch_size: int = SAMPLE_ROWS,
                 max_new_tokens: int = 64, progress: Progress | bool | None = None,
                 autocast_bf16: bool | None = None, observe: Observe | None = None) -> "Corpus":
         """Text sampled from the model itself (n_tokens tokens, counted as the model's), made once
@@ -133,8 +134,11 @@ class Corpus:
         Batched generation with a KV cache, the LM head on the last position only, end-of-text
         suppressed so that every row stays useful to the end (documents are `max_new_tokens` long:
         short contexts, like the edit prompts'); under bf16 autocast where the hardware has bf16
-        matrix units (`has_bf16_units`; `autocast_bf16` overrides). About 1,500–3,000 tokens/s for
-        the default model on 2 CPU cores.
+        matrix units (`has_bf16_units`; `autocast_bf16` overrides). Rows per batch: 256, so the
+        default model's 15,360 tokens are one batch of 252 rows × 64 steps; wider matrix products
+        are cheaper per token on a CPU (measured on this AVX2 host: 128–139 tokens per CPU-second
+        at 256 rows against 88–112 at 64; docs/benchmarks.md, "The first run"), and the KV cache
+        stays under 0.8 GB (252 rows × 66 positions × 30 layers).
 
         The file starts with a heading line holding its key (weights, n_tokens, seed, sampler
         settings) and the sha256 of the text below it; `documents()` drops that line. A file whose
@@ -165,7 +169,7 @@ class Corpus:
 
     @classmethod
     def sampled_cached(cls, model, n_tokens: int, seed: int = 0, *, weights_sha: str | None = None,
-                       cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
+                       cache_dir: str | os.PathLike | None = None, batch_size: int = SAMPLE_ROWS,
                        max_new_tokens: int = 64, autocast_bf16: bool | None = None) -> "Corpus | None":
         """The corpus `sampled` would return with these arguments when it is in the cache and
         intact, else None (nothing is sampled)."""

@@ -10,8 +10,16 @@ never run (the reference implementation made one full pass per layer). Sequences
 and padding is excluded through the attention mask. Each batch's Gram matrix is formed in float32
 (its rounding is far below the estimate's sampling error) and summed across batches in float64.
 
-Cache: one safetensors file per (weights sha256, layer, module, corpus sha256, n_tokens, seq_len,
-dtype, forward precision) under `$KNOWLEDGER_CACHE/stats/`, named by a hash of that key, written
+With no corpus (the first run), the model samples one (`Corpus.sampled`) and `KeyTap` collects the
+edited layers' keys from the sampler's own KV-cache forward passes on the way, so no second pass
+over the text runs: C is then over the sampled token ids as the model saw them (prompt and all but
+each row's last sampled token), which a full forward over those ids reproduces to float rounding
+(tested). Its cache key says `keys: "as-sampled"` instead of a `seq_len`. A layer asked for later
+(another preset), when the sampled text is already cached, comes from one ordinary pass over that
+text.
+
+Cache: one safetensors file per (weights sha256, layer, module, corpus sha256, n_tokens, seq_len
+or "as-sampled", dtype, forward precision) under `$KNOWLEDGER_CACHE/stats/`, named by a hash of that key, written
 atomically (editors.fileio). The key and the sha256 of the tensor's bytes are stored in the file's
 metadata and checked on load: a file whose key differs, whose data does not hash to its sha256 (a
 flipped bit) or that cannot be read is recomputed with a logged note naming it, never trusted.
