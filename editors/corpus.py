@@ -281,7 +281,13 @@ def _sample_documents(model, tokenizer, n_tokens: int, seed: int, batch_size: in
             encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
             width = max(map(len, encoded))
             new = max(1, min(max_new_tokens, limit - width))
-            out = _generate(model, encoded, width, new, pad, banned, gen, device, observe)  # (rows, new)
+            before, prompt_tokens = total, sum(map(len, encoded))
+
+            def stepped(s, before=before, rows=rows, prompt_tokens=prompt_tokens):  # s steps done
+                report(progress, "sample", min(before + prompt_tokens + rows * s, n_tokens - 1), n_tokens)
+
+            out = _generate(model, encoded, width, new, pad, banned, gen, device, observe,
+                            stepped if progress is not None else None)  # (rows, new)
             for prompt, seq, row in zip(prompts, encoded, out.tolist()):
                 room = n_tokens - total - len(seq)
                 row = row[: max(0, room)]
@@ -294,10 +300,12 @@ def _sample_documents(model, tokenizer, n_tokens: int, seed: int, batch_size: in
 
 
 def _generate(model, encoded: list[list[int]], width: int, new: int, pad: int, banned: list[int],
-              gen: torch.Generator, device, observe: Observe | None = None) -> torch.Tensor:
+              gen: torch.Generator, device, observe: Observe | None = None,
+              stepped: Callable[[int], None] | None = None) -> torch.Tensor:
     """Sample `new` tokens for each left-padded row with a KV cache; logits at the last position
     only. The last sampled token is never fed back, so the forward passes see each row's prompt
-    and its first new - 1 sampled tokens. returns (rows, new) token ids"""
+    and its first new - 1 sampled tokens. stepped(s) after each step s = 1..new (progress: one
+    batch may be the whole sample). returns (rows, new) token ids"""
     from transformers import DynamicCache
 
     rows = len(encoded)
@@ -323,6 +331,8 @@ def _generate(model, encoded: list[list[int]], width: int, new: int, pad: int, b
         ids = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)  # (b, 1)
         out[:, s] = ids[:, 0]
         pos = pos[:, -1:] + 1  # (b, 1)
+        if stepped is not None:
+            stepped(s + 1)
     return out
 
 

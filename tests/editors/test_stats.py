@@ -257,6 +257,7 @@ def test_first_run_path_samples_and_reports_progress(tmp_path, caplog):
     totals = {t for _, _, t in seen}
     assert dones == sorted(dones) and dones[0] == 0 and len(totals) == 1
     assert dones[-1] == totals.pop()  # finished, and said so
+    assert len(set(dones)) > 10  # one batch here (5 rows), yet reports at every step, not at its end
     text = caplog.text
     assert "sampling 300 tokens" in text and text.count("done in") == 1
     assert "keys per layer collected while sampling" in text
