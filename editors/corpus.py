@@ -317,7 +317,7 @@ def _generate(model, encoded: list[list[int]], width: int, new: int, pad: int, b
     mask[:, width:] = 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask[:, :width].cumsum(1) - 1).clamp(min=0)  # (b, t)
-    cache_kw = _cache_kwarg(model)
+    kw = _forward_kwargs(model)
     cache = DynamicCache()
     out = torch.empty((rows, new), dtype=torch.long, device=device)  # (b, new)
     for s in range(new):
@@ -325,7 +325,7 @@ def _generate(model, encoded: list[list[int]], width: int, new: int, pad: int, b
         real = mask[:, upto - ids.shape[1]:upto].bool()  # (b, t_in): the input's real positions
         with observe(real) if observe is not None else nullcontext():
             logits = model(input_ids=ids, attention_mask=mask[:, :upto], position_ids=pos,
-                           use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1].float()  # (b, V)
+                           use_cache=True, **kw(cache)).logits[:, -1].float()  # (b, V)
         if banned:
             logits[:, banned] = float("-inf")  # end-of-text never ends a row early
         ids = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)  # (b, 1)
@@ -336,10 +336,14 @@ def _generate(model, encoded: list[list[int]], width: int, new: int, pad: int, b
     return out
 
 
-def _cache_kwarg(model) -> str:
-    """The forward's name for the KV cache: `cache` from transformers 5, `past_key_values` before
-    (both are accepted through **kwargs by some models, so the signature decides, not a try)."""
+def _forward_kwargs(model) -> Callable[[object], dict]:
+    """The forward's keyword names, by its signature (models accept unknown keywords through
+    **kwargs and ignore them, so a wrong name would fail silently, not raise): the KV cache is
+    `cache` from transformers 5 and `past_key_values` before; last-position logits are
+    `logits_to_keep` (4.50+) or `num_logits_to_keep` (4.45-4.49), else all positions are computed."""
     import inspect
 
     params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    name = "cache" if "cache" in params else "past_key_values"
+    keep = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})
+    return lambda cache: {name: cache, **keep}
