@@ -26,7 +26,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ _WIKITEXT_MARKERS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 _SEED_PROMPTS = ("The", "In", "It is", "A", "This", "When", "There are", "One of the",
                  "Many", "According to", "After", "He", "She", "We", "Some", "Today")
 _TOKENIZE_BATCH = 64  # documents tokenised per call
+SAMPLE_ROWS = 256  # rows sampled at once (Corpus.sampled)
 
 
 @dataclass(frozen=True)
@@ -123,35 +125,39 @@ class Corpus:
     # --- a corpus the model writes ---------------------------------------------------------------
     @classmethod
     def sampled(cls, model, tokenizer, n_tokens: int, seed: int = 0, *, weights_sha: str | None = None,
-                cache_dir: str | os.PathLike | None = None, batch_size: int = 64,
+                cache_dir: str | os.PathLike | None = None, batch_size: int = SAMPLE_ROWS,
                 max_new_tokens: int = 64, progress: Progress | bool | None = None,
-                autocast_bf16: bool | None = None) -> "Corpus":
+                autocast_bf16: bool | None = None, observe: Observe | None = None) -> "Corpus":
         """Text sampled from the model itself (n_tokens tokens, counted as the model's), made once
         and cached.
 
         Batched generation with a KV cache, the LM head on the last position only, end-of-text
         suppressed so that every row stays useful to the end (documents are `max_new_tokens` long:
         short contexts, like the edit prompts'); under bf16 autocast where the hardware has bf16
-        matrix units (`has_bf16_units`; `autocast_bf16` overrides). About 1,500–3,000 tokens/s for
-        the default model on 2 CPU cores.
+        matrix units (`has_bf16_units`; `autocast_bf16` overrides). Rows per batch: 256, so the
+        default model's 15,360 tokens are one batch of 252 rows × 64 steps; wider matrix products
+        are cheaper per token on a CPU (measured on this AVX2 host: 128–139 tokens per CPU-second
+        at 256 rows against 88–112 at 64; docs/benchmarks.md, "The first run"), and the KV cache
+        stays under 0.8 GB (252 rows × 66 positions × 30 layers).
 
         The file starts with a heading line holding its key (weights, n_tokens, seed, sampler
         settings) and the sha256 of the text below it; `documents()` drops that line. A file whose
         key or text does not match is sampled again, with a logged note.
+
+        observe: called as `observe(real)` around every forward pass of the sampler, `real` the
+            (rows, input columns) bool mask of the real (not padding) input positions; it returns a
+            context manager entered around that forward (editors.stats collects the edited layers'
+            keys this way, so no second pass over the text is needed). Not called when the corpus
+            comes from the cache.
         """
         progress = None if isinstance(progress, bool) else progress  # older callers pass a bool
-        sha = weights_sha or weights_sha256(model)
-        bf16 = has_bf16_units(next(model.parameters()).device) if autocast_bf16 is None else autocast_bf16
-        key = dict(kind=_SAMPLED_KIND, version=_SAMPLED_VERSION, weights_sha256=sha, n_tokens=int(n_tokens),
-                   seed=int(seed), batch_size=int(batch_size), max_new_tokens=int(max_new_tokens),
-                   forward="bfloat16-autocast" if bf16 else "model-dtype")
-        folder = Path(cache_dir) if cache_dir is not None else cache_root() / "corpora"
-        path = folder / f"{sha[:16]}-{n_tokens}-{seed}.txt"
+        path, key, bf16 = _sampled_location(model, n_tokens, seed, weights_sha, cache_dir, batch_size,
+                                            max_new_tokens, autocast_bf16)
         if not _sampled_cache_ok(path, key):
             start = time.perf_counter()
             log.info("sampling %s tokens of statistics text from the model ...", f"{n_tokens:,}")
             docs = _sample_documents(model, tokenizer, int(n_tokens * _MARGIN) + 1, seed, batch_size,
-                                     max_new_tokens, progress, bf16)
+                                     max_new_tokens, progress, bf16, observe)
             body = "\n\n".join(docs) + "\n"
             header = _SAMPLED_HEADER + json.dumps(dict(key=key, text_sha256=sha256_bytes(body.encode())),
                                                   sort_keys=True, separators=(",", ":"))
@@ -161,6 +167,18 @@ class Corpus:
                      n_tokens / max(seconds, 1e-9))
         return cls.from_path(path)
 
+    @classmethod
+    def sampled_cached(cls, model, n_tokens: int, seed: int = 0, *, weights_sha: str | None = None,
+                       cache_dir: str | os.PathLike | None = None, batch_size: int = SAMPLE_ROWS,
+                       max_new_tokens: int = 64, autocast_bf16: bool | None = None) -> "Corpus | None":
+        """The corpus `sampled` would return with these arguments when it is in the cache and
+        intact, else None (nothing is sampled)."""
+        path, key, _ = _sampled_location(model, n_tokens, seed, weights_sha, cache_dir, batch_size,
+                                         max_new_tokens, autocast_bf16)
+        return cls.from_path(path) if _sampled_cache_ok(path, key, quiet=True) else None
+
+
+Observe = Callable[[torch.Tensor], AbstractContextManager]
 
 _SAMPLED_KIND = "knowledger.sampled_corpus"
 _SAMPLED_VERSION = 2  # 2: KV-cache sampler, end-of-text suppressed, key in the file
@@ -168,10 +186,29 @@ _SAMPLED_HEADER = "# knowledger sampled corpus "
 _MARGIN = 1.05  # re-tokenising sampled text gives a few tokens fewer than were sampled
 
 
-def _sampled_cache_ok(path: Path, key: dict) -> bool:
-    """True when `path` holds a sampled corpus with exactly `key` and an intact text."""
+def _sampled_location(model, n_tokens, seed, weights_sha, cache_dir, batch_size, max_new_tokens,
+                      autocast_bf16) -> tuple[Path, dict, bool]:
+    """(cache path, key, bf16 autocast?) of a sampled corpus."""
+    sha = weights_sha or weights_sha256(model)
+    bf16 = has_bf16_units(next(model.parameters()).device) if autocast_bf16 is None else autocast_bf16
+    key = dict(kind=_SAMPLED_KIND, version=_SAMPLED_VERSION, weights_sha256=sha, n_tokens=int(n_tokens),
+               seed=int(seed), batch_size=int(batch_size), max_new_tokens=int(max_new_tokens),
+               forward="bfloat16-autocast" if bf16 else "model-dtype")
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "corpora"
+    return folder / f"{sha[:16]}-{n_tokens}-{seed}.txt", key, bf16
+
+
+def _sampled_cache_ok(path: Path, key: dict, quiet: bool = False) -> bool:
+    """True when `path` holds a sampled corpus with exactly `key` and an intact text (quiet: no
+    log note when it does not; the caller samples it and `sampled` notes why)."""
     if not path.is_file():
         return False
+    if quiet:
+        logging.disable(logging.WARNING)
+        try:
+            return _sampled_cache_ok(path, key)
+        finally:
+            logging.disable(logging.NOTSET)
     try:
         data = path.read_bytes()
         head, _, body = data.partition(b"\n\n")
@@ -224,7 +261,8 @@ def _bos_prefix(tokenizer) -> list[int]:
 
 
 def _sample_documents(model, tokenizer, n_tokens: int, seed: int, batch_size: int,
-                      max_new_tokens: int, progress: Progress | None, bf16: bool) -> list[str]:
+                      max_new_tokens: int, progress: Progress | None, bf16: bool,
+                      observe: Observe | None = None) -> list[str]:
     """Documents of one seed prompt plus up to max_new_tokens sampled tokens, n_tokens in all."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -243,7 +281,13 @@ def _sample_documents(model, tokenizer, n_tokens: int, seed: int, batch_size: in
             encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
             width = max(map(len, encoded))
             new = max(1, min(max_new_tokens, limit - width))
-            out = _generate(model, encoded, width, new, pad, banned, gen, device)  # (rows, new)
+            before, prompt_tokens = total, sum(map(len, encoded))
+
+            def stepped(s, before=before, rows=rows, prompt_tokens=prompt_tokens):  # s steps done
+                report(progress, "sample", min(before + prompt_tokens + rows * s, n_tokens - 1), n_tokens)
+
+            out = _generate(model, encoded, width, new, pad, banned, gen, device, observe,
+                            stepped if progress is not None else None)  # (rows, new)
             for prompt, seq, row in zip(prompts, encoded, out.tolist()):
                 room = n_tokens - total - len(seq)
                 row = row[: max(0, room)]
@@ -256,9 +300,12 @@ def _sample_documents(model, tokenizer, n_tokens: int, seed: int, batch_size: in
 
 
 def _generate(model, encoded: list[list[int]], width: int, new: int, pad: int, banned: list[int],
-              gen: torch.Generator, device) -> torch.Tensor:
+              gen: torch.Generator, device, observe: Observe | None = None,
+              stepped: Callable[[int], None] | None = None) -> torch.Tensor:
     """Sample `new` tokens for each left-padded row with a KV cache; logits at the last position
-    only. returns (rows, new) token ids"""
+    only. The last sampled token is never fed back, so the forward passes see each row's prompt
+    and its first new - 1 sampled tokens. stepped(s) after each step s = 1..new (progress: one
+    batch may be the whole sample). returns (rows, new) token ids"""
     from transformers import DynamicCache
 
     rows = len(encoded)
@@ -270,15 +317,33 @@ def _generate(model, encoded: list[list[int]], width: int, new: int, pad: int, b
     mask[:, width:] = 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask[:, :width].cumsum(1) - 1).clamp(min=0)  # (b, t)
+    kw = _forward_kwargs(model)
     cache = DynamicCache()
     out = torch.empty((rows, new), dtype=torch.long, device=device)  # (b, new)
     for s in range(new):
         upto = width + s
-        logits = model(input_ids=ids, attention_mask=mask[:, :upto], position_ids=pos,
-                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()  # (b, V)
+        real = mask[:, upto - ids.shape[1]:upto].bool()  # (b, t_in): the input's real positions
+        with observe(real) if observe is not None else nullcontext():
+            logits = model(input_ids=ids, attention_mask=mask[:, :upto], position_ids=pos,
+                           use_cache=True, **kw(cache)).logits[:, -1].float()  # (b, V)
         if banned:
             logits[:, banned] = float("-inf")  # end-of-text never ends a row early
         ids = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)  # (b, 1)
         out[:, s] = ids[:, 0]
         pos = pos[:, -1:] + 1  # (b, 1)
+        if stepped is not None:
+            stepped(s + 1)
     return out
+
+
+def _forward_kwargs(model) -> Callable[[object], dict]:
+    """The forward's keyword names, by its signature (models accept unknown keywords through
+    **kwargs and ignore them, so a wrong name would fail silently, not raise): the KV cache is
+    `cache` from transformers 5 and `past_key_values` before; last-position logits are
+    `logits_to_keep` (4.50+) or `num_logits_to_keep` (4.45-4.49), else all positions are computed."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
+    keep = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})
+    return lambda cache: {name: cache, **keep}

@@ -10,8 +10,16 @@ never run (the reference implementation made one full pass per layer). Sequences
 and padding is excluded through the attention mask. Each batch's Gram matrix is formed in float32
 (its rounding is far below the estimate's sampling error) and summed across batches in float64.
 
-Cache: one safetensors file per (weights sha256, layer, module, corpus sha256, n_tokens, seq_len,
-dtype, forward precision) under `$KNOWLEDGER_CACHE/stats/`, named by a hash of that key, written
+With no corpus (the first run), the model samples one (`Corpus.sampled`) and `KeyTap` collects the
+edited layers' keys from the sampler's own KV-cache forward passes on the way, so no second pass
+over the text runs: C is then over the sampled token ids as the model saw them (prompt and all but
+each row's last sampled token), which a full forward over those ids reproduces to float rounding
+(tested). Its cache key says `keys: "as-sampled"` instead of a `seq_len`. A layer asked for later
+(another preset), when the sampled text is already cached, comes from one ordinary pass over that
+text.
+
+Cache: one safetensors file per (weights sha256, layer, module, corpus sha256, n_tokens, seq_len
+or "as-sampled", dtype, forward precision) under `$KNOWLEDGER_CACHE/stats/`, named by a hash of that key, written
 atomically (editors.fileio). The key and the sha256 of the tensor's bytes are stored in the file's
 metadata and checked on load: a file whose key differs, whose data does not hash to its sha256 (a
 flipped bit) or that cannot be read is recomputed with a logged note naming it, never trusted.
@@ -24,6 +32,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -78,18 +87,44 @@ def second_moments(model, tokenizer, layers: Iterable[int], corpus: Corpus | str
         raise ValueError(f"layers {layers} out of range for a model with {n} layers")
     if corpus is None or cache:
         weights_sha = weights_sha or weights_sha256(model)
+    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "stats"
+    forward = "bfloat16-autocast" if autocast_bf16 else "model-dtype"
+
+    def keys_for(corpus_sha: str, as_sampled: bool) -> dict[int, dict]:
+        common = dict(kind=_KIND, version=_VERSION, weights_sha256=weights_sha, corpus_sha256=corpus_sha,
+                      n_tokens=int(n_tokens), dtype=dtype_name, forward=forward)
+        # as sampled: the keys the sampler's own forward passes saw (no seq_len: its rows are the
+        # sequences); else: one pass over the corpus file cut into seq_len pieces
+        shape = dict(keys="as-sampled") if as_sampled else dict(seq_len=int(seq_len))
+        return {i: dict(common, **shape, layer=i, module=spec.mlp_out_name(i)) for i in layers}
+
+    moments: dict[int, torch.Tensor] = {}
     if corpus is None:
-        corpus = Corpus.sampled(model, tokenizer, n_tokens, weights_sha=weights_sha, progress=progress)
+        sample_kw = dict(weights_sha=weights_sha, autocast_bf16=autocast_bf16)
+        corpus = Corpus.sampled_cached(model, n_tokens, **sample_kw)
+        if corpus is None:  # sample it, collecting every layer's keys on the way
+            tap = KeyTap(model, spec, layers, autocast_bf16)
+            corpus = Corpus.sampled(model, tokenizer, n_tokens, progress=progress, observe=tap, **sample_kw)
+            if tap.count:
+                keys = keys_for(corpus.sha256, as_sampled=True)
+                for i, c in tap.moments(dtype_name).items():
+                    moments[i] = c
+                    if cache:
+                        _save(folder / _file_name(keys[i]), keys[i], c, tap.count)
+                log.info("statistics: %s keys per layer collected while sampling", f"{tap.count:,}")
+        elif cache:  # sampled earlier: its as-sampled statistics, if cached
+            keys = keys_for(corpus.sha256, as_sampled=True)
+            for i in layers:
+                if (t := _load(folder / _file_name(keys[i]), keys[i])) is not None:
+                    moments[i] = t
     elif not isinstance(corpus, Corpus):
         corpus = Corpus.from_path(corpus)
 
-    folder = Path(cache_dir) if cache_dir is not None else cache_root() / "stats"
-    keys = {i: dict(kind=_KIND, version=_VERSION, weights_sha256=weights_sha, layer=i,
-                    module=spec.mlp_out_name(i), corpus_sha256=corpus.sha256, n_tokens=int(n_tokens),
-                    seq_len=int(seq_len), dtype=dtype_name,
-                    forward="bfloat16-autocast" if autocast_bf16 else "model-dtype") for i in layers}
-    found = {i: _load(folder / _file_name(keys[i]), keys[i]) for i in layers} if cache else {}
-    moments = {i: t for i, t in found.items() if t is not None}
+    keys = keys_for(corpus.sha256, as_sampled=False)
+    if cache:
+        for i in layers:
+            if i not in moments and (t := _load(folder / _file_name(keys[i]), keys[i])) is not None:
+                moments[i] = t
     missing = [i for i in layers if i not in moments]
     if missing:
         sums, count = _accumulate(model, tokenizer, spec, missing, corpus, n_tokens, seq_len,
@@ -149,6 +184,65 @@ def _accumulate(model, tokenizer, spec: ModelSpec, layers: list[int], corpus: Co
     log.info("statistics: %s tokens through layers %s ... done in %.1f s (%.0f tokens/s)",
              f"{count:,}", layers, seconds, count / max(seconds, 1e-9))
     return {i: s.cpu() for i, s in sums.items()}, count
+
+
+class KeyTap:
+    """Σ_t k_t k_tᵀ of the traced layers over the real positions of every forward pass it wraps:
+    an `observe` for `Corpus.sampled`, so the sampler's own KV-cache forward passes give the keys
+    (the same keys as a full forward over the sampled token ids, up to float rounding; tested).
+
+        tap = KeyTap(model, spec, layers, autocast_bf16)
+        with tap(real):  # real: (b, t) bool, the input's non-padding positions
+            model(...)
+        tap.moments("float32")  # {layer: C (d_in, d_in)}, tap.count keys each
+
+    Keys are buffered and folded into the float64 sums `flush_rows` at a time (one larger Gram
+    product instead of one per decoding step).
+    """
+
+    flush_rows = 2048
+
+    def __init__(self, model, spec: ModelSpec, layers: Iterable[int], autocast_bf16: bool = False):
+        self.model, self.autocast_bf16 = model, autocast_bf16
+        self.names = {i: spec.mlp_out_name(i) for i in layers}
+        self.d_in = {i: spec.mlp_dims(model, i)[1] for i in self.names}
+        self.sums = {i: torch.zeros(d, d, dtype=torch.float64) for i, d in self.d_in.items()}
+        self._buf: dict[int, list[torch.Tensor]] = {i: [] for i in self.names}
+        self._buffered = 0
+        self.count = 0
+
+    @contextmanager
+    def __call__(self, real: torch.Tensor):
+        with TraceDict(self.model, self.names.values(), retain_input=True, retain_output=False) as td:
+            yield td
+        for i, name in self.names.items():
+            k = td[name].input  # (b, t, d_in)
+            K = k[real]  # (n, d_in)
+            self._buf[i].append(K if self.autocast_bf16 else K.float())
+        n = int(real.sum())
+        self.count += n
+        self._buffered += n
+        if self._buffered >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        for i, parts in self._buf.items():
+            if parts:
+                K = torch.cat(parts)  # (n, d_in)
+                self.sums[i] += (K.T @ K).cpu()  # (d_in, d_in), summed in float64
+                parts.clear()
+        self._buffered = 0
+
+    def moments(self, dtype: str = "float32") -> dict[int, torch.Tensor]:
+        """C_ℓ = Σ k kᵀ / count, exactly symmetric, as `dtype`, on the CPU."""
+        self._flush()
+        if not self.count:
+            raise ValueError("no keys were collected")
+        out = {}
+        for i, s in self.sums.items():
+            c = (s / self.count).to(_DTYPES[_dtype_name(dtype)])  # (d_in, d_in)
+            out[i] = (c + c.T) / 2
+        return out
 
 
 # --- the cache -----------------------------------------------------------------------------------

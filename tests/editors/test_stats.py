@@ -252,14 +252,15 @@ def test_first_run_path_samples_and_reports_progress(tmp_path, caplog):
     C = second_moments(model, tok, [1, 2], None, 300, cache_dir=tmp_path / "stats",
                        progress=lambda phase, done, total: seen.append((phase, done, total)))
     phases = [p for p, _, _ in seen]
-    assert phases[0] == "sample" and phases[-1] == "stats" and set(phases) == {"sample", "stats"}
-    for phase in ("sample", "stats"):
-        dones = [d for p, d, _ in seen if p == phase]
-        totals = {t for p, _, t in seen if p == phase}
-        assert dones == sorted(dones) and dones[0] == 0 and len(totals) == 1
-        assert dones[-1] == totals.pop()  # finished, and said so
+    assert set(phases) == {"sample"}  # the keys are collected while sampling: no second pass
+    dones = [d for p, d, _ in seen]
+    totals = {t for _, _, t in seen}
+    assert dones == sorted(dones) and dones[0] == 0 and len(totals) == 1
+    assert dones[-1] == totals.pop()  # finished, and said so
+    assert len(set(dones)) > 10  # one batch here (5 rows), yet reports at every step, not at its end
     text = caplog.text
-    assert "sampling 300 tokens" in text and text.count("done in") == 2 and "statistics: " in text
+    assert "sampling 300 tokens" in text and text.count("done in") == 1
+    assert "keys per layer collected while sampling" in text
     hp = EditHParams(layers=(1, 2), v_steps=3, n_context=1)
     req = EditRequest(prompt="The capital of {} is", subject="Valley", target_new="Rome",
                       target_true="Paris")
@@ -324,3 +325,70 @@ def test_sampled_corpus_cache_holds_its_key(tmp_path, caplog):
     a.path.write_bytes(b"\xff\xfe garbage")
     Corpus.sampled(model, tok, 40, **kw)
     assert "unreadable" in caplog.text or "sampling it again" in caplog.text
+
+
+# --- keys collected while sampling (KeyTap) ---------------------------------------------------
+def _rows_fed(model, tok, n_tokens, kw):
+    """Each sampled row as the token ids the sampler's forward passes saw: its prompt and all but
+    its last sampled token (re-run with the same seed, recording what `_generate` returned)."""
+    from knowledger.editors import corpus as corpus_mod
+
+    rows, real_generate = [], corpus_mod._generate
+
+    def spy(model_, encoded, width, new, *args, **kwargs):
+        out = real_generate(model_, encoded, width, new, *args, **kwargs)
+        rows.extend(e + o[:-1] for e, o in zip(encoded, out.tolist()))
+        return out
+
+    corpus_mod._generate = spy
+    try:
+        Corpus.sampled(model, tok, n_tokens, **kw)
+    finally:
+        corpus_mod._generate = real_generate
+    return rows
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_keys_collected_while_sampling_equal_a_full_forward(family, tmp_path):
+    """C from the sampler's own KV-cache forwards (left padding, one column per step) equals C from
+    a plain full forward of each row's token ids, to float rounding."""
+    model, tok = tiny_model(family, n_layers=3), tiny_tokenizer()
+    spec = spec_for(model)
+    kw = dict(seed=1, batch_size=3, max_new_tokens=7, progress=False)
+    tap = stats.KeyTap(model, spec, [0, 2])
+    tap.flush_rows = 5  # several flushes
+    Corpus.sampled(model, tok, 60, cache_dir=tmp_path / "a", observe=tap, **kw)
+    rows = _rows_fed(model, tok, 60, dict(kw, cache_dir=tmp_path / "b"))
+    assert len({len(r) for r in rows}) > 1  # prompts of different lengths: left padding was used
+    seen = {i: [] for i in (0, 2)}
+    handles = [spec.mlp_out_module(model, i).register_forward_hook(
+        lambda m, args, out, i=i: seen[i].append(args[0][0].double())) for i in (0, 2)]
+    try:
+        with torch.no_grad():
+            for r in rows:
+                model(torch.tensor([r]))
+    finally:
+        for h in handles:
+            h.remove()
+    got = tap.moments("float64")
+    for i in (0, 2):
+        K = torch.cat(seen[i])  # (N, d_in)
+        assert tap.count == K.shape[0] == sum(map(len, rows))
+        want = K.T @ K / K.shape[0]
+        assert torch.allclose(got[i], want, rtol=1e-4, atol=1e-6 * float(want.abs().max())), i
+
+
+def test_sampled_statistics_are_cached_and_reused(tmp_path, monkeypatch):
+    """The first run samples and keeps the as-sampled C; a later one reads it without a forward;
+    a layer asked for later comes from one pass over the cached text, not a new sample."""
+    monkeypatch.setenv("KNOWLEDGER_CACHE", str(tmp_path / "cache"))
+    model, tok = tiny_model("llama", n_layers=3), tiny_tokenizer()
+    first = second_moments(model, tok, [0, 1], None, 80, progress=False)
+    calls, handle = _count_forwards(model)
+    again = second_moments(model, tok, [0, 1], None, 80, progress=False)
+    assert not calls and all(torch.equal(first[i], again[i]) for i in (0, 1))
+    more = second_moments(model, tok, [1, 2], None, 80, progress=False)
+    handle.remove()
+    assert torch.equal(more[1], first[1]) and torch.isfinite(more[2]).all()
+    assert len(list((tmp_path / "cache" / "corpora").glob("*.txt"))) == 1
+    assert 0 < len(calls) < 10  # one pass over the cached text for layer 2, no sampling
