@@ -14,6 +14,12 @@ Speed (see ../shared/REFERENCE.md, "where its time goes"):
 - logits are computed only at the positions the loss reads, not over the whole sequence;
 - a fact stops as soon as target_new is top-1 at every target position of every prompt for
   `early_stop_patience` steps (or its NLL falls below `early_stop_loss`), and leaves the batch.
+
+`v_prefix_cache=False` switches the step to the reference implementation's (`_full_forward`: the
+whole model, all positions, full-vocabulary logits every step); with `early_stop=False`, `v_batch=1`
+and 25 steps it is the reference's v* configuration, the baseline bench/speed.py times knowledger
+against. Both steps compute the same loss. Each fact's stats record `steps_to_loss`: the steps after
+which its total loss first fell below `early_stop_loss` (the reference's own stopping rule).
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .contexts import CONTEXT_SEEDS, context_prefixes  # noqa: F401 (moved; editor imports them here)
-from .forward import PrefixCache, model_device, run_from, unembed
+from .forward import PrefixCache, capture, model_device, run_from, unembed
+from .hooks import TraceDict
 from .hparams import EditHParams
 from .model_spec import ModelSpec
 from .pmet import run_with_component_deltas
@@ -96,16 +103,13 @@ def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditReques
                         contexts=list(contexts))
 
 
-def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp: EditHParams,
-              contexts: list[str], *, pmet: bool = False, progress: Progress | None = None) -> ValueTargets:
-    L = hp.v_layer
-    dev = model_device(model)  # every tensor below lives here; δ and Adam's state stay float32
-    lay = _Layout(tokenizer, requests, contexts, device=dev)
+def _prefix_forward(model, spec: ModelSpec, lay: _Layout, L: int, pmet: bool):
+    """knowledger's step: once, a full pass caching every layer's keys/values and the input of the
+    first block that runs per step; each step then recomputes only the columns from the subject's
+    last token on (editors.forward.PrefixCache), in blocks start.. only, and unembeds only the
+    positions the loss reads. Returns (step_logits, h_norm (n,))."""
     ids, subj = lay.batch.ids, lay.batch.subject_pos  # (B, T), (B,)
-    n, B = len(requests), ids.shape[0]
-    # Once: a full pass caching every layer's keys/values and the input of the first block that
-    # runs per step. Each step then recomputes only the columns from the subject's last token on
-    # (editors.forward.PrefixCache), in blocks start.. only.
+    dev = ids.device
     start = L if pmet else L + 1
     with torch.no_grad():
         prefix = PrefixCache(model, spec, ids, block_inputs=sorted({start, L + 1}))
@@ -115,9 +119,68 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
     h_in = prefix.block_inputs[start].gather(1, cols[..., None].expand(-1, -1, h_L.shape[-1]))  # (B, S, d)
     lp_col = lay.lp_pos - subj[lay.lp_row]  # (m,) loss positions as suffix columns
     kl_col = lay.kl_pos - subj[lay.kl_row]  # (n,)
-    d = h_in.shape[-1]
     h_norm = h_L[lay.bare, subj[lay.bare]].float().norm(dim=-1)  # (n,) ‖h‖ at the bare prompt's subject
+
+    def step_logits(rows, local, per_row, lsel, ksel):
+        onehot = torch.zeros(rows.numel(), S, 1, dtype=h_in.dtype, device=dev)  # (b, S, 1): δ at column 0
+        onehot[:, 0] = 1.0
+        position_ids, key_mask = prefix.suffix_inputs(subj[rows], S)  # (b, S), (b, T+S)
+        run = dict(position_ids=position_ids, cache=prefix.select(rows), attention_mask=key_mask)
+        if pmet:
+            final = run_with_component_deltas(model, spec, L, h_in[rows], onehot, per_row, run)
+        else:
+            add = (onehot * per_row[:, 0].unsqueeze(1)).to(h_in.dtype)  # (b, S, d) in the model's dtype
+            final = run_from(model, spec, start, h_in[rows] + add, **run)  # (b, S, d)
+        x = final[local[lay.lp_row[lsel]], lp_col[lsel]]  # (m, d)
+        xk = final[local[lay.kl_row[ksel]], kl_col[ksel]]  # (a, d)
+        return unembed(model, x), unembed(model, xk)  # (m, V), (a, V)
+
+    return step_logits, h_norm
+
+
+def _full_forward(model, spec: ModelSpec, lay: _Layout, L: int, pmet: bool):
+    """The reference implementation's step (hparams v_prefix_cache=False): every step runs the whole
+    model from the embeddings over every row and column, δ added by a hook at the last subject
+    token of layer L's output (PMET: of its attention and MLP outputs), full-vocabulary logits at
+    every position and their log-softmax, then the loss positions are read. Same loss as
+    _prefix_forward up to rounding; only slower. Returns (step_logits, h_norm (n,))."""
+    ids, subj = lay.batch.ids, lay.batch.subject_pos  # (B, T), (B,)
+    T = ids.shape[1]
+    with torch.no_grad():
+        h_L = capture(model, spec, ids, block_outputs=[L])[f"out:{L}"]  # (B, T, d)
+    h_norm = h_L[lay.bare, subj[lay.bare]].float().norm(dim=-1)  # (n,)
+    del h_L
+    names = [spec.attn_name(L), spec.mlp_name(L)] if pmet else [spec.layer(L)]
+
+    def step_logits(rows, local, per_row, lsel, ksel):
+        onehot = torch.zeros(rows.numel(), T, 1, device=ids.device)  # (b, T, 1): 1 at the subject
+        onehot[torch.arange(rows.numel(), device=ids.device), subj[rows]] = 1.0
+        adds = {name: onehot * per_row[:, j].unsqueeze(1) for j, name in enumerate(names)}  # (b, T, d)
+
+        def edit(output, name):
+            return output + adds[name].to(output.dtype)
+
+        with TraceDict(model, names, retain_output=False, edit_output=edit):
+            out = model(input_ids=ids[rows], attention_mask=torch.ones_like(ids[rows]), use_cache=False)
+        logp = F.log_softmax(out.logits.float(), dim=-1)  # (b, T, V), as the reference computes it
+        return (logp[local[lay.lp_row[lsel]], lay.lp_pos[lsel]],  # (m, V)
+                logp[local[lay.kl_row[ksel]], lay.kl_pos[ksel]])  # (a, V)
+
+    return step_logits, h_norm
+
+
+def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp: EditHParams,
+              contexts: list[str], *, pmet: bool = False, progress: Progress | None = None) -> ValueTargets:
+    L = hp.v_layer
+    dev = model_device(model)  # every tensor below lives here; δ and Adam's state stay float32
+    lay = _Layout(tokenizer, requests, contexts, device=dev)
+    n, B = len(requests), lay.batch.ids.shape[0]
     k = 2 if pmet else 1  # PMET: (attention part, MLP part)
+    if hp.v_prefix_cache:
+        step_logits, h_norm = _prefix_forward(model, spec, lay, L, pmet)
+    else:  # the reference implementation's way, kept for measuring against it (bench/speed.py)
+        step_logits, h_norm = _full_forward(model, spec, lay, L, pmet)
+    d = model.get_input_embeddings().weight.shape[-1]  # the residual stream's width
     delta = torch.zeros(n, k, d, device=dev)  # (n, k, d) float32 whatever the model's dtype
     m, v = torch.zeros_like(delta), torch.zeros_like(delta)  # (n, k, d) Adam's moments
     t = torch.zeros(n, dtype=torch.long, device=dev)  # (n,) Adam's step per fact
@@ -125,6 +188,7 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
     streak = torch.zeros(n, dtype=torch.long, device=dev)  # (n,)
     done = torch.zeros(n, dtype=torch.bool, device=dev)  # (n,)
     steps = torch.zeros(n, dtype=torch.long, device=dev)  # (n,)
+    below = torch.full((n,), -1, dtype=torch.long, device=dev)  # (n,) steps when loss first < early_stop_loss
     last_nll = torch.full((n,), float("nan"), device=dev)  # (n,)
     last_prob = torch.full((n,), float("nan"), device=dev)  # (n,)
     kl0 = None
@@ -138,22 +202,12 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
         local[rows] = torch.arange(rows.numel(), device=dev)
         dvar = delta.clone().requires_grad_(True)
         per_row = dvar[lay.fact[rows]]  # (b, k, d)
-        onehot = torch.zeros(rows.numel(), S, 1, dtype=h_in.dtype, device=dev)  # (b, S, 1): δ at column 0
-        onehot[:, 0] = 1.0
-        position_ids, key_mask = prefix.suffix_inputs(subj[rows], S)  # (b, S), (b, T+S)
-        run = dict(position_ids=position_ids, cache=prefix.select(rows), attention_mask=key_mask)
+        lsel = torch.isin(lay.lp_row, rows)  # target positions of active rows
+        ksel = torch.isin(lay.kl_row, rows)
         with autocast:
-            if pmet:
-                final = run_with_component_deltas(model, spec, L, h_in[rows], onehot, per_row, run)
-            else:
-                add = (onehot * per_row[:, 0].unsqueeze(1)).to(h_in.dtype)  # (b, S, d) in the model's dtype
-                final = run_from(model, spec, start, h_in[rows] + add, **run)
-            lsel = torch.isin(lay.lp_row, rows)  # target positions of active rows
-            x = final[local[lay.lp_row[lsel]], lp_col[lsel]]  # (m, d)
-            logp = F.log_softmax(unembed(model, x).float(), dim=-1)  # (m, V)
-            ksel = torch.isin(lay.kl_row, rows)
-            xk = final[local[lay.kl_row[ksel]], kl_col[ksel]]  # (a, d)
-            logp_kl = F.log_softmax(unembed(model, xk).float(), dim=-1)  # (a, V)
+            logits, logits_kl = step_logits(rows, local, per_row, lsel, ksel)  # (m, V), (a, V)
+            logp = F.log_softmax(logits.float(), dim=-1)  # (m, V)
+            logp_kl = F.log_softmax(logits_kl.float(), dim=-1)  # (a, V)
         tgt = lay.lp_tgt[lsel]
         fact_of_lp = lay.fact[lay.lp_row[lsel]]  # (m,)
         nll_pos = -logp.gather(1, tgt[:, None]).squeeze(1)  # (m,)
@@ -171,6 +225,8 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
         loss = nll + hp.kl_factor * kl + wd  # (n,)
 
         with torch.no_grad():
+            newly = active_f[(below[active_f] < 0) & (loss[active_f].detach() < hp.early_stop_loss)]
+            below[newly] = steps[newly]
             last_nll[active_f] = nll[active_f].detach()
             last_prob[active_f] = torch.exp(-nll[active_f].detach())
             streak[active_f] = torch.where(all_hit[active_f], streak[active_f] + 1, 0)
@@ -196,6 +252,7 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
     stats = [
         {"steps": int(steps[f]), "converged": bool(streak[f] >= hp.early_stop_patience),
          "nll": float(last_nll[f]), "prob": float(last_prob[f]),
+         "steps_to_loss": int(below[f]) if below[f] >= 0 else None,
          "delta_norm": float(delta[f, -1].norm()), "h_norm": float(h_norm[f])}
         for f in range(n)
     ]
