@@ -111,6 +111,7 @@ class Editor:
             targets = optimise_values(self.model, self.tokenizer, self.spec, requests,
                                       self.m.value_hparams(self.hp), contexts, pmet=pmet, progress=progress)
         timings["values_s"] = time.perf_counter() - t
+        timings.update({f"values_{k}": v for k, v in targets.timings.items()})  # values_prefix_s, values_steps_s
 
         names = [self.spec.weight_name(l) for l in self.layers]
         saved = snapshot_params(self.model, names)

@@ -23,6 +23,7 @@ which its total loss first fell below `early_stop_loss` (the reference's own sto
 """
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class ValueTargets:
     delta: torch.Tensor  # (n, d): the change of layer L's output at the last subject token
     stats: list[dict] = field(default_factory=list)  # per fact: steps, converged, nll, prob, norm
     contexts: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # prefix_s (one-time pass), steps_s
 
 
 class _Layout:
@@ -90,20 +92,44 @@ def optimise_values(model, tokenizer, spec: ModelSpec, requests: list[EditReques
                     contexts: list[str], *, pmet: bool = False, progress: Progress | None = None) -> ValueTargets:
     """Target changes δ for every fact. Facts are independent here (own δ, own Adam state, own
     stopping), so a large batch is optimised in chunks of `hp.v_batch` facts: same result,
-    memory bounded by the chunk, not the batch. progress("values", facts finished, facts)."""
-    parts = []
-    for i in range(0, len(requests), hp.v_batch):
-        chunk = requests[i : i + hp.v_batch]
+    memory bounded by the chunk, not the batch. With `hp.v_buckets` > 1 the facts are first
+    grouped by the width of what every step recomputes (the tokens from the subject's last one on),
+    so a chunk's steps are not padded to the widest fact of the batch: same result again, fewer
+    tokens. Results come back in the requests' order. progress("values", facts finished, facts)."""
+    order = list(range(len(requests)))
+    groups = [order]
+    if hp.v_buckets > 1 and len(requests) > 1:
+        from .forward import length_buckets
+        widths = torch.tensor([suffix_width(tokenizer, r) for r in requests])  # (n,)
+        groups = [sorted(g.tolist()) for g in length_buckets(widths, hp.v_buckets)]
+    chunks = [g[i:i + hp.v_batch] for g in groups for i in range(0, len(g), hp.v_batch)]
+    parts, finished = [], 0
+    for chunk in chunks:
         report = None if progress is None else (
-            lambda phase, done, total, i=i: progress(phase, i + done, len(requests)))
-        parts.append(_optimise(model, tokenizer, spec, chunk, hp, contexts, pmet=pmet, progress=report))
+            lambda phase, done, total, base=finished: progress(phase, base + done, len(requests)))
+        parts.append(_optimise(model, tokenizer, spec, [requests[j] for j in chunk], hp, contexts,
+                               pmet=pmet, progress=report))
+        finished += len(chunk)
     if len(parts) == 1:
         return parts[0]
-    return ValueTargets(delta=torch.cat([p.delta for p in parts]), stats=[s for p in parts for s in p.stats],
-                        contexts=list(contexts))
+    where = torch.tensor([j for c in chunks for j in c])  # (n,) request index of each concatenated row
+    back = torch.argsort(where)  # (n,) concatenated row of each request
+    delta = torch.cat([p.delta for p in parts])[back.to(parts[0].delta.device)]  # (n, d)
+    stats = [s for p in parts for s in p.stats]
+    timings = {k: sum(p.timings.get(k, 0.0) for p in parts) for k in ("prefix_s", "steps_s")}
+    return ValueTargets(delta=delta, stats=[stats[i] for i in back.tolist()], contexts=list(contexts),
+                        timings=timings)
 
 
-def _prefix_forward(model, spec: ModelSpec, lay: _Layout, L: int, pmet: bool):
+def suffix_width(tokenizer, request: EditRequest) -> int:
+    """Columns each v* step recomputes for this fact: from the subject's last token to the end of
+    the longest row (the prompt + target rows; the KL row). Context prefixes do not change it."""
+    ids, s = encode_with_subject(tokenizer, "", request.prompt, request.subject)
+    kl_ids, kl_s = encode_with_subject(tokenizer, "", KL_TEMPLATE, request.subject)
+    return max(len(ids) - s + len(target_ids(tokenizer, request.target_new)) - 1, len(kl_ids) - kl_s)
+
+
+def _prefix_forward(model, spec: ModelSpec, lay: _Layout, L: int, pmet: bool, buckets: int = 1):
     """knowledger's step: once, a full pass caching every layer's keys/values and the input of the
     first block that runs per step; each step then recomputes only the columns from the subject's
     last token on (editors.forward.PrefixCache), in blocks start.. only, and unembeds only the
@@ -112,7 +138,8 @@ def _prefix_forward(model, spec: ModelSpec, lay: _Layout, L: int, pmet: bool):
     dev = ids.device
     start = L if pmet else L + 1
     with torch.no_grad():
-        prefix = PrefixCache(model, spec, ids, block_inputs=sorted({start, L + 1}))
+        prefix = PrefixCache(model, spec, ids, block_inputs=sorted({start, L + 1}),
+                             lengths=lay.batch.lengths, max_buckets=buckets)
     h_L = prefix.block_inputs[L + 1]  # (B, T, d) output of block L
     S = int((lay.batch.lengths - subj).max())  # suffix width
     cols = (subj[:, None] + torch.arange(S, device=dev)[None]).clamp(max=ids.shape[1] - 1)  # (B, S)
@@ -176,8 +203,9 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
     lay = _Layout(tokenizer, requests, contexts, device=dev)
     n, B = len(requests), lay.batch.ids.shape[0]
     k = 2 if pmet else 1  # PMET: (attention part, MLP part)
+    t0 = time.perf_counter()
     if hp.v_prefix_cache:
-        step_logits, h_norm = _prefix_forward(model, spec, lay, L, pmet)
+        step_logits, h_norm = _prefix_forward(model, spec, lay, L, pmet, hp.v_prefix_buckets)
     else:  # the reference implementation's way, kept for measuring against it (bench/speed.py)
         step_logits, h_norm = _full_forward(model, spec, lay, L, pmet)
     d = model.get_input_embeddings().weight.shape[-1]  # the residual stream's width
@@ -192,6 +220,7 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
     last_nll = torch.full((n,), float("nan"), device=dev)  # (n,)
     last_prob = torch.full((n,), float("nan"), device=dev)  # (n,)
     kl0 = None
+    t1 = time.perf_counter()
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if hp.autocast_bf16 else nullcontext()
     for step in range(hp.v_steps + 1):
         active_f = (~done).nonzero().flatten()  # (a,)
@@ -257,4 +286,5 @@ def _optimise(model, tokenizer, spec: ModelSpec, requests: list[EditRequest], hp
         for f in range(n)
     ]
     # The MLP part (the only part for MEMIT/EMMET) is the target change of layer L's output.
-    return ValueTargets(delta=delta[:, -1].clone(), stats=stats, contexts=list(contexts))
+    timings = {"prefix_s": t1 - t0, "steps_s": time.perf_counter() - t1}
+    return ValueTargets(delta=delta[:, -1].clone(), stats=stats, contexts=list(contexts), timings=timings)

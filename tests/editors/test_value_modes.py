@@ -50,3 +50,35 @@ def test_the_switch_is_a_validated_hyperparameter():
     assert EditHParams(layers=(1,)).replace(v_prefix_cache="false").v_prefix_cache is False
     with pytest.raises(ValueError, match="v_prefix_cache"):
         EditHParams(layers=(1,), v_prefix_cache="sometimes")
+
+
+def test_length_buckets_partition_the_rows_and_cut_the_padding():
+    from knowledger.editors.forward import length_buckets
+
+    lengths = torch.tensor([18, 5, 18, 8, 17, 5, 18])
+    groups = length_buckets(lengths, 3)
+    assert sorted(torch.cat(groups).tolist()) == list(range(7))  # every row exactly once
+    padded = sum(len(g) * int(lengths[g].max()) for g in groups)
+    assert padded < 7 * 18 and len(groups) > 1
+    assert len(length_buckets(lengths, 1)) == 1
+    assert len(length_buckets(torch.tensor([9, 9, 9]), 4)) == 1  # nothing to save: one pass
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_bucketed_prefix_pass_gives_the_same_targets(family):
+    model = tiny_model(family, init_range=0.3)
+    one = _targets(model, 4)
+    many = _targets(model, 4, v_prefix_buckets=3)
+    torch.testing.assert_close(one.delta, many.delta, atol=1e-4, rtol=1e-3)
+
+
+def test_facts_grouped_by_suffix_width_give_the_same_targets_in_the_requests_order():
+    model = tiny_model("llama", init_range=0.3)
+    facts = FACTS + [EditRequest("{} is", "Al", "Rome"), EditRequest("The old friend of {} was born in", "Cy", "Qux")]
+    hp = EditHParams(layers=(1, 2), v_steps=4, early_stop=False, v_lr=0.5)
+    spec = spec_for(model)
+    with torch.enable_grad():
+        one = optimise_values(model, TOK, spec, facts, hp, CONTEXTS)
+        grouped = optimise_values(model, TOK, spec, facts, hp.replace(v_buckets=3, v_batch=2), CONTEXTS)
+    torch.testing.assert_close(one.delta, grouped.delta, atol=1e-4, rtol=1e-3)
+    assert [s["h_norm"] for s in one.stats] == pytest.approx([s["h_norm"] for s in grouped.stats], rel=1e-4)
