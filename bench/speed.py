@@ -148,6 +148,15 @@ def main() -> None:
                                                   if v != preset.to_dict()[k]},
                                  **{k: round(v, 3) for k, v in m.items()}))
                 print(json.dumps(rows[-1]), flush=True)
+            write(a, rows, sizes, preset, stats_s, systems)
+    write(a, rows, sizes, preset, stats_s, systems)
+
+
+def write(a, rows, sizes, preset, stats_s, systems) -> None:
+    """JSON + Markdown of the rows so far (called after every batch size × editor: a cut run keeps them)."""
+    from knowledger.agent.provenance import provenance
+    from knowledger.editors.fileio import atomic_write_text
+
     for r in rows:
         base = next((b for b in rows if b["system"] == "baseline" and b["editor"] == r["editor"]
                      and b["batch_size"] == r["batch_size"]), None)
@@ -169,7 +178,6 @@ def main() -> None:
     lines = [f"`{env} {command}`".replace("` ", "`"), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     atomic_write_text(a.out / f"{a.name}.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":
