@@ -76,11 +76,9 @@ def main() -> None:
     ap.add_argument("--name", default="speed", help="file stem of the JSON and Markdown written")
     a = ap.parse_args()
     from knowledger.agent.bench import load_requests
-    from knowledger.agent.provenance import provenance
     from knowledger.editors.apply import apply_deltas, restore_params, snapshot_params
     from knowledger.editors.editor import Editor
     from knowledger.editors.evaluate import aggregate, fact_metrics
-    from knowledger.editors.fileio import atomic_write_text
     from knowledger.editors.hparams import preset_for
     from knowledger.editors.models import load_model, weights_sha256
     from knowledger.editors.stats import second_moments
