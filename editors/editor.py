@@ -114,6 +114,7 @@ class Editor:
             targets = optimise_values(self.model, self.tokenizer, self.spec, requests,
                                       self.m.value_hparams(self.hp), contexts, pmet=pmet, progress=progress)
         timings["values_s"] = time.perf_counter() - t
+        timings.update({f"values_{k}": v for k, v in targets.timings.items()})  # values_prefix_s, values_steps_s
 
         names = [self.spec.weight_name(l) for l in self.layers]
         saved = snapshot_params(self.model, names)
@@ -166,10 +167,14 @@ class _KeyPass:
     Editing layer l changes block l's output but not its input: so once block l's input has been
     seen, later passes start there (blocks l..L) instead of at the embeddings, and no block above
     L ever runs. Rows end at the subject's last token (causal attention: nothing after matters).
+    The rows run in groups of similar length (KEY_BUCKETS, editors.forward.length_buckets: the
+    padding is not computed) of at most KEY_ROWS rows each, so memory does not grow with the batch.
     at_mlp: the "current output" is layer L's MLP output (PMET), not the block's.
     """
 
     def __init__(self, editor: Editor, requests, contexts: list[str], *, at_mlp: bool = False):
+        from .forward import length_buckets
+
         self.ed, self.n, self.c, self.at_mlp = editor, len(requests), len(contexts), at_mlp
         rows, subj, bare = [], [], []
         for r in requests:
@@ -178,29 +183,53 @@ class _KeyPass:
                 if ci == 0:
                     bare.append(len(rows))
                 rows.append(ids[: s + 1]); subj.append(s)
-        dev = model_device(editor.model)
-        self.batch = pad_right(rows, subj, pad_id(editor.tokenizer), device=dev)  # ids (n·c, T)
-        self.bare = torch.tensor(bare, device=dev)  # (n,) row of each fact's bare prompt
-        self.start: tuple[int, torch.Tensor] | None = None  # (block, its input (B, T, d))
+        self.dev = model_device(editor.model)
+        self.bare = torch.tensor(bare, device=self.dev)  # (n,) row of each fact's bare prompt
+        self.subj = torch.tensor(subj, device=self.dev)  # (n·c,)
+        lengths = torch.tensor([len(r) for r in rows])  # (n·c,)
+        groups = length_buckets(lengths, KEY_BUCKETS) if KEY_BUCKETS > 1 else [torch.arange(len(rows))]
+        self.parts = []  # per group of rows: (row indices (g,), its batch, cached start)
+        for g in groups:
+            for i in range(0, len(g), KEY_ROWS):
+                idx = g[i:i + KEY_ROWS]
+                batch = pad_right([rows[j] for j in idx.tolist()], [subj[j] for j in idx.tolist()],
+                                  pad_id(editor.tokenizer), device=self.dev)  # ids (g, T_g)
+                self.parts.append([idx.to(self.dev), batch, None])  # start: (block, its input (g, T_g, d))
 
     def at(self, layer: int):
+        keys, outs = None, None
+        for part in self.parts:
+            idx, batch = part[0], part[1]
+            key, out_L, part[2] = self._run(batch, part[2], layer)
+            at = torch.arange(len(batch.ids), device=key.device)  # (g,)
+            k = key[at, batch.subject_pos].double()  # (g, d_in)
+            o = out_L[at, batch.subject_pos].float()  # (g, d)
+            if keys is None:
+                keys = k.new_zeros(self.n * self.c, k.shape[-1])  # (n·c, d_in)
+                outs = o.new_zeros(self.n * self.c, o.shape[-1])  # (n·c, d)
+            keys[idx], outs[idx] = k, o
+        K = keys.view(self.n, self.c, -1).mean(1).T  # (d_in, n)
+        cur = outs[self.bare]  # (n, d) layer L's output at the bare prompt's subject
+        return K, cur
+
+    def _run(self, batch, start, layer: int):
+        """One group's pass: key at `layer`, layer L's output, and the new cached start."""
         ed, spec, L = self.ed, self.ed.spec, self.ed.hp.v_layer
         out_name = spec.mlp_name(L) if self.at_mlp else spec.layer(L)
-        if self.start is None:
-            got = capture(ed.model, spec, self.batch.ids, block_inputs=[layer], mlp_out_inputs=[layer],
+        if start is None:
+            got = capture(ed.model, spec, batch.ids, block_inputs=[layer], mlp_out_inputs=[layer],
                           **({"mlp_outputs": [L]} if self.at_mlp else {"block_outputs": [L]}))
             key, block_in = got[f"key:{layer}"], got[f"in:{layer}"]
-            out_L = got[f"mlp:{L}" if self.at_mlp else f"out:{L}"]  # (B, T, d)
+            out_L = got[f"mlp:{L}" if self.at_mlp else f"out:{L}"]  # (g, T, d)
         else:
-            first, hidden = self.start
+            first, hidden = start
             names = [spec.mlp_out_name(layer), out_name] + ([spec.layer(layer)] if layer > first else [])
             with torch.no_grad(), TraceDict(ed.model, names, retain_input=True) as td:
                 run_from(ed.model, spec, first, hidden, end=L + 1)
             key, out_L = td[spec.mlp_out_name(layer)].input, td[out_name].output
             block_in = td[spec.layer(layer)].input if layer > first else hidden
-        self.start = (layer, block_in)
-        at = torch.arange(len(self.batch.ids), device=key.device)  # (n·c,)
-        keys = key[at, self.batch.subject_pos].double()  # (n·c, d_in)
-        K = keys.view(self.n, self.c, -1).mean(1).T  # (d_in, n)
-        cur = out_L[self.bare, self.batch.subject_pos[self.bare]].float()  # (n, d)
-        return K, cur
+        return key, out_L, (layer, block_in)
+
+
+KEY_BUCKETS = 3  # length groups of the key pass (each further group must save 5% of the padding)
+KEY_ROWS = 512  # rows per key pass at most (6 context prompts per fact: ~85 facts)

@@ -74,18 +74,43 @@ class PrefixCache:
     (the rest are the stale originals of the recomputed tokens, or padding) and the new tokens.
     """
 
-    def __init__(self, model: nn.Module, spec: ModelSpec, ids: torch.Tensor, block_inputs=()):
+    def __init__(self, model: nn.Module, spec: ModelSpec, ids: torch.Tensor, block_inputs=(),
+                 lengths: torch.Tensor | None = None, max_buckets: int = 1):
+        """ids (B, T) right-padded; lengths (B,) the real lengths. With max_buckets > 1 the rows are
+        run in up to that many groups of similar length, each cut to its own longest row (the
+        padding is not computed; results equal the single pass up to rounding)."""
         from .hooks import TraceDict
 
         where = {i: block_input_site(spec, i) for i in block_inputs}
         names = list(dict.fromkeys(name for name, _ in where.values()))
         base = model.get_submodule(spec.base)  # no LM head: logits are not needed here
-        with torch.no_grad(), TraceDict(model, names, retain_input=True) as td:
-            out = base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        self.block_inputs = {i: getattr(td[name], kind) for i, (name, kind) in where.items()}  # (B, T, d)
-        cache = out.past_key_values
-        self.layers = [(layer.keys, layer.values) for layer in cache.layers]  # (B, kv, T, hd) each
-        self.T = ids.shape[1]
+        B, T = ids.shape
+        groups = [torch.arange(B, device=ids.device)] if lengths is None or max_buckets <= 1 \
+            else length_buckets(lengths, max_buckets)
+        self.block_inputs: dict[int, torch.Tensor] = {}
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.computed_tokens = 0  # rows × columns actually run (padding included)
+        for rows in groups:
+            Tb = T if len(groups) == 1 else int(lengths[rows].max())
+            sub = ids[rows, :Tb]  # (b, Tb)
+            self.computed_tokens += sub.numel()
+            with torch.no_grad(), TraceDict(model, names, retain_input=True) as td:
+                out = base(input_ids=sub, attention_mask=torch.ones_like(sub), use_cache=True)
+            got = {i: getattr(td[name], kind) for i, (name, kind) in where.items()}  # (b, Tb, d)
+            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # (b, kv, Tb, hd)
+            if len(groups) == 1:
+                self.block_inputs, self.layers = got, kv
+                break
+            if not self.layers:  # zeros beyond each row's length: never admitted by the key mask
+                self.block_inputs = {i: h.new_zeros(B, T, h.shape[-1]) for i, h in got.items()}
+                self.layers = [(k.new_zeros(B, k.shape[1], T, k.shape[3]), v.new_zeros(B, v.shape[1], T, v.shape[3]))
+                               for k, v in kv]
+            for i, h in got.items():
+                self.block_inputs[i][rows, :Tb] = h
+            for (K, V), (k, v) in zip(self.layers, kv):
+                K[rows, :, :Tb] = k
+                V[rows, :, :Tb] = v
+        self.T = T
         self.config = model.config
 
     def select(self, rows: torch.Tensor):
@@ -106,6 +131,32 @@ class PrefixCache:
         new = torch.ones(len(start), S, dtype=torch.bool, device=dev)  # (b, S)
         mask = torch.cat([(cols[None] < start[:, None]), new], 1)  # (b, T+S)
         return position_ids, mask.long()
+
+
+def length_buckets(lengths: torch.Tensor, max_buckets: int) -> list[torch.Tensor]:
+    """Rows grouped by length into at most max_buckets groups minimising the padded tokens
+    Σ_g |g| · max length in g (an exact DP over the sorted lengths), each further group charged 5% of
+    the unbucketed pass (its own overhead). lengths (B,) -> list of row indices per group."""
+    order = torch.argsort(lengths, stable=True)
+    ls = lengths[order].tolist()  # ascending
+    B, inf = len(ls), float("inf")
+    # cost[k][j]: least padded tokens for the first j sorted rows in k groups; cut[k][j]: last group's start
+    cost = [[0.0] + [inf] * B] + [[inf] * (B + 1) for _ in range(max_buckets)]
+    cut = [[0] * (B + 1) for _ in range(max_buckets + 1)]
+    for k in range(1, max_buckets + 1):
+        for j in range(1, B + 1):
+            for i in range(j):  # last group: sorted rows i..j-1, padded to ls[j-1]
+                c = cost[k - 1][i] + (j - i) * ls[j - 1]
+                if c < cost[k][j]:
+                    cost[k][j], cut[k][j] = c, i
+    overhead = 0.05 * B * ls[-1]  # a pass costs something beyond its tokens: 5% of the unbucketed pass
+    k = min(range(1, max_buckets + 1), key=lambda k: (cost[k][B] + overhead * k, k))
+    groups, j = [], B
+    while j > 0:
+        i = cut[k][j]
+        groups.append(order[i:j])
+        j, k = i, k - 1
+    return groups[::-1]
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -37,7 +37,7 @@ RANGES: dict[str, tuple] = {
     "kl_factor": ("float", 0, None), "early_stop": ("bool",),
     "early_stop_patience": ("int", 1, _INT_MAX), "early_stop_loss": ("float", 0, None),
     "n_context": ("int", 0, 1000), "context_tokens": ("int", 1, 10_000),
-    "context_seed": ("int", 0, 2**63 - 1), "autocast_bf16": ("bool",), "v_batch": ("int", 1, _INT_MAX),
+    "context_seed": ("int", 0, 2**63 - 1), "autocast_bf16": ("bool",), "v_prefix_cache": ("bool",), "v_prefix_buckets": ("int", 1, 64), "v_buckets": ("int", 1, 64), "v_batch": ("int", 1, _INT_MAX),
     "mom2_weight": ("float", 0, None, True), "emmet_ridge": ("float", 0, None),
     "stats_tokens": ("int", 1, 10**12), "stats_dtype": (("float32", "float64"),),
     "alphaedit_null_threshold": ("float", 0, 1, True, True),
@@ -156,6 +156,10 @@ class EditHParams:
     context_seed: int = 0  # prefixes are generated greedily-seeded and cached: reproducible
     autocast_bf16: bool = False  # v* under bf16 autocast; presets: default_autocast_bf16(device)
     v_batch: int = 16  # facts optimised together; larger batches run in chunks (bounded memory)
+    v_prefix_cache: bool = True  # False: every v* step runs the whole model with logits everywhere,
+    #                              as the reference implementation does (bench/speed.py's baseline)
+    v_prefix_buckets: int = 1  # v*'s one-time prefix pass in up to this many groups of similar length
+    v_buckets: int = 1  # facts grouped by the width each v* step recomputes (at most this many groups)
 
     # --- solve -------------------------------------------------------------------------------
     mom2_weight: float = 5000.0  # MEMIT's λ on the key second moment C (not scale-free!)

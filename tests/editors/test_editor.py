@@ -169,12 +169,31 @@ def test_key_passes_that_start_at_a_cached_block_match_fresh_full_passes(family,
     original = editor_module._KeyPass.at
 
     def fresh(self, layer):
-        self.start = None  # forget the cached block input: a full pass every time
+        for part in self.parts:
+            part[2] = None  # forget the cached block input: a full pass every time
         return original(self, layer)
 
     monkeypatch.setattr(editor_module._KeyPass, "at", fresh)
     slow = editor.compute(FACTS)
     for a, b in zip(fast.deltas, slow.deltas):
+        torch.testing.assert_close(a.dense(), b.dense(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_key_passes_in_length_groups_and_small_chunks_match_one_pass(family, monkeypatch):
+    from knowledger.editors import editor as editor_module
+
+    facts = FACTS + [EditRequest("A long prompt about {} lives in", "Bobby", "Rome", target_true="Paris")]
+    model, editor = make(family, "memit", layers=(0, 1, 3), init_range=0.1)
+    monkeypatch.setattr(editor_module, "KEY_BUCKETS", 1)
+    monkeypatch.setattr(editor_module, "KEY_ROWS", 10_000)
+    one = editor.compute(facts)
+    monkeypatch.setattr(editor_module, "KEY_BUCKETS", 3)
+    monkeypatch.setattr(editor_module, "KEY_ROWS", 2)
+    parts = editor_module._KeyPass(editor, facts, editor.contexts).parts
+    assert len(parts) > 2 and sum(len(p[0]) for p in parts) == len(facts) * len(editor.contexts)
+    grouped = editor.compute(facts)
+    for a, b in zip(one.deltas, grouped.deltas):
         torch.testing.assert_close(a.dense(), b.dense(), atol=1e-5, rtol=1e-4)
 
 
