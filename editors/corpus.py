@@ -343,7 +343,9 @@ def _forward_kwargs(model) -> Callable[[object], dict]:
     `logits_to_keep` (4.50+) or `num_logits_to_keep` (4.45-4.49), else all positions are computed."""
     import inspect
 
+    from .forward import cache_kwarg
+
     params = inspect.signature(model.forward).parameters
-    name = "cache" if "cache" in params else "past_key_values"
+    name = cache_kwarg(model)
     keep = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})
     return lambda cache: {name: cache, **keep}

@@ -52,10 +52,25 @@ def run_from(model: nn.Module, spec: ModelSpec, start: int, hidden: torch.Tensor
     base = model.get_submodule(spec.base)
     kwargs = dict(use_cache=cache is not None, position_ids=position_ids)
     if cache is not None:
-        kwargs.update(past_key_values=cache, attention_mask=attention_mask)
+        kwargs.update({cache_kwarg(base): cache}, attention_mask=attention_mask)
     with truncated(model, spec, start, end):
         out = base(inputs_embeds=hidden, **kwargs)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The KV cache's keyword in this forward, by its signature: `cache` (transformers 5.2x+; the
+    old name is deprecated and goes in 5.40) or `past_key_values`. Models take unknown keywords
+    through **kwargs and ignore them, so a wrong name would fail silently, not raise."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward returned, under either name (see cache_kwarg)."""
+    got = getattr(out, "cache", None)
+    return got if got is not None else out.past_key_values
 
 
 def block_input_site(spec: ModelSpec, i: int) -> tuple[str, str]:
@@ -97,7 +112,7 @@ class PrefixCache:
             with torch.no_grad(), TraceDict(model, names, retain_input=True) as td:
                 out = base(input_ids=sub, attention_mask=torch.ones_like(sub), use_cache=True)
             got = {i: getattr(td[name], kind) for i, (name, kind) in where.items()}  # (b, Tb, d)
-            kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # (b, kv, Tb, hd)
+            kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]  # (b, kv, Tb, hd)
             if len(groups) == 1:
                 self.block_inputs, self.layers = got, kv
                 break
