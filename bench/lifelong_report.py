@@ -18,6 +18,9 @@ COLUMNS = (("efficacy", "ES"), ("efficacy_acc", "ES top-1"), ("paraphrase", "PS"
 PLOTTED = ("efficacy", "efficacy_acc", "paraphrase", "neighborhood", "perplexity_ratio", "max_norm_growth",
            "generation_entropy", "seconds_per_fact")
 
+TITLES = {"efficacy_acc": "efficacy top-1", "perplexity_ratio": "perplexity × base",
+          "max_norm_growth": "max ‖W−W₀‖/‖W₀‖ (edited layers)", "seconds_per_fact": "seconds per fact (editing)"}
+
 
 def load(run_dir: Path) -> dict:
     p = json.loads((run_dir / "progress.json").read_text(encoding="utf-8"))
@@ -63,10 +66,12 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, 4, figsize=(18, 8))
     for ax, key in zip(axes.flat, PLOTTED):
         for r in runs:
+            if key == "seconds_per_fact" and r["name"] == "none":
+                continue
             pts = [(p["edits"], p[key]) for p in r["curve"] if p.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=r["name"], linestyle="--" if r["name"] == "none" else "-")
-        ax.set_title(key)
+        ax.set_title(TITLES.get(key, key))
         ax.set_xlabel("sequential edits")
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
