@@ -203,12 +203,7 @@ def _sampled_cache_ok(path: Path, key: dict, quiet: bool = False) -> bool:
     log note when it does not; the caller samples it and `sampled` notes why)."""
     if not path.is_file():
         return False
-    if quiet:
-        logging.disable(logging.WARNING)
-        try:
-            return _sampled_cache_ok(path, key)
-        finally:
-            logging.disable(logging.NOTSET)
+    warn = (lambda *args: None) if quiet else log.warning
     try:
         data = path.read_bytes()
         head, _, body = data.partition(b"\n\n")
@@ -217,13 +212,13 @@ def _sampled_cache_ok(path: Path, key: dict, quiet: bool = False) -> bool:
             raise ValueError("no key line")
         meta = json.loads(text[len(_SAMPLED_HEADER):])
     except (OSError, ValueError) as e:
-        log.warning("sampled corpus %s is unreadable (%s): sampling it again", path, e)
+        warn("sampled corpus %s is unreadable (%s): sampling it again", path, e)
         return False
     if meta.get("key") != key:
-        log.warning("sampled corpus %s was made with other settings: sampling it again", path)
+        warn("sampled corpus %s was made with other settings: sampling it again", path)
         return False
     if meta.get("text_sha256") != sha256_bytes(body):
-        log.warning("sampled corpus %s is corrupt (its text does not match its sha256): sampling "
+        warn("sampled corpus %s is corrupt (its text does not match its sha256): sampling "
                     "it again", path)
         return False
     return True
