@@ -9,7 +9,8 @@ merge and its exact inverse, float64); this module keeps it in step with the led
   (LifelongStats.remove). Every such operation also records the state after it ("state" rows),
   in the SAME transaction (EditSession.commit); other operations leave the statistics alone.
 - `load(session, base_model_id)`: the latest stored state, checked against the active history
-  (its count per layer must equal the sum of the active operations' batch counts), else rebuilt.
+  (its count per layer must equal the sum of the active operations' batch counts, one aggregate
+  query), else rebuilt.
 - `rebuild(session, base_model_id)`: from scratch, merging the active operations' batch moments
   in seq order: what replay checks the stored state against.
 
@@ -54,21 +55,18 @@ def rebuild(session, base_model_id: int) -> LifelongStats:
 
 
 def load(session, base_model_id: int) -> tuple[LifelongStats, bool]:
-    """(statistics, rebuilt): the latest stored state when its counts match the active batches,
-    else the rebuild (a state a downgrade/upgrade lost, a ledger edited by hand)."""
-    active = batches(session, base_model_id)
-    want: dict[int, int] = {}
-    for _, b in active:
-        for l, m in b.layers.items():
-            want[l] = want.get(l, 0) + m.n
+    """(statistics, rebuilt): the latest stored state when its counts match the active batches',
+    else the rebuild (a state a downgrade/upgrade lost, a ledger edited by hand). The counts come
+    from one aggregate query, so a load reads one state, not every batch of the history."""
+    want = repo.active_batch_counts(session, base_model_id)
     stored = repo.latest_lifelong_state(session, base_model_id)
     if stored is not None:
         state = LifelongStats(from_stored(stored[1]))
         if {l: m.n for l, m in state.layers.items() if m.n} == want:
             return state, False
-    elif not active:
+    elif not want:
         return LifelongStats(), False
-    return LifelongStats.rebuild(b for _, b in active), True
+    return rebuild(session, base_model_id), True
 
 
 def undone_batch(session, target_operation_id: int | None) -> BatchMoments | None:

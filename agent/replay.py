@@ -83,7 +83,7 @@ def replay(ws: Workspace, *, to_seq: int | None = None, progress: Progress | Non
                 live.write_snapshot(snapshot_path(ws.location), head_seq)
                 refreshed = True
                 with ws.writing() as s:  # the past-edit memory, rebuilt from the surviving keys
-                    amem.save(s, base_id, amem.rebuild(s, base_id), head_seq)
+                    amem.save(s, base_id, amem.rebuild(s, base_id), head_seq, force=True)
             finally:
                 lock.release()
     return ReplayResult(base_model=name, to_seq=to_seq, operations=rows, mismatches=mismatches,

@@ -123,11 +123,12 @@ def _resume(out: Path, config: dict, model, spec, stream: Stream) -> dict | None
 
 
 def run(model, tokenizer, spec, requests, stream: Stream, out: Path, config: dict, *,
-        checkpoint_every: int = 10, curve_every: int = 1000, eval_sample: int = 500,
+        checkpoint_every: int = 10, curve_every: int = 1000, curve_at=(), eval_sample: int = 500,
         perplexity_fn=None, entropy_fn=None, stop_after: int | None = None, log=print) -> dict:
     """Edit `requests` in batches of config["batch"] from where `out` stopped; returns progress.
 
     stop_after: end (after a checkpoint) once this many batches ran in this call: a working day.
+    curve_at: evaluate (also) after the batch that reaches each of these edit counts.
     """
     out.mkdir(parents=True, exist_ok=True)
     B = int(config["batch"])
@@ -157,7 +158,8 @@ def run(model, tokenizer, spec, requests, stream: Stream, out: Path, config: dic
         done = min((b + 1) * B, len(requests))
         progress["batches"].append(dict(index=b + 1, n=len(batch), seconds=secs,
                                         **{k: v for k, v in timings.items() if isinstance(v, float)}))
-        if done % curve_every < B or b + 1 == n_batches:
+        reached = any(done - len(batch) < c <= done for c in curve_at)
+        if done % curve_every < B or reached or b + 1 == n_batches:
             cur = {l: model.get_parameter(spec.weight_name(l)) for l in stream.layers}
             sample = [requests[i] for i in order if i < done][:eval_sample]
             point = dict(edits=done, metrics=aggregate(fact_metrics(model, tokenizer, sample)),
@@ -189,6 +191,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--checkpoint-every", type=int, default=10)
     ap.add_argument("--curve-every", type=int, default=1000)
+    ap.add_argument("--curve-at", type=int, nargs="*", default=[],
+                    help="also evaluate when the edits done reach these counts (e.g. 100 1000)")
+    ap.add_argument("--corpus", default="wiki",
+                    help="key statistics from: wiki (../shared/data WikiText-2, the default), sampled "
+                         "(text the model samples itself, the first-run default) or a text file")
     ap.add_argument("--eval-sample", type=int, default=500)
     ap.add_argument("--heldout", type=int, default=4096)
     ap.add_argument("--entropy-prompts", type=int, default=50,
@@ -202,9 +209,11 @@ def main() -> None:
     lm = open_model()
     reqs, _ = load_requests(Path(a.facts), a.n, a.offset)
     overrides = json.loads(a.hparams)
-    stream = make_stream(lm, a.editor, overrides)
+    stream = make_stream(lm, a.editor, overrides, corpus=a.corpus)
     config = dict(editor=a.editor, facts=Path(a.facts).name, offset=a.offset, n=len(reqs), batch=a.batch,
                   hparams=stream_hparams(stream), model_sha256=lm.weights_sha256)
+    if a.corpus != "wiki":  # (absent from runs made before the option: they resume unchanged)
+        config["corpus"] = a.corpus
     ppl = None
     if a.heldout:
         from knowledger.editors.corpus import Corpus
@@ -220,12 +229,12 @@ def main() -> None:
         prompts = [r.text for r in reqs[: a.entropy_prompts]]
         ent = lambda m: generation_entropy(m, lm.tokenizer, prompts)  # noqa: E731
     run(lm.model, lm.tokenizer, lm.spec, reqs, stream, Path(a.out), config, checkpoint_every=a.checkpoint_every,
-        curve_every=a.curve_every, eval_sample=a.eval_sample, perplexity_fn=ppl, entropy_fn=ent,
+        curve_every=a.curve_every, curve_at=a.curve_at, eval_sample=a.eval_sample, perplexity_fn=ppl, entropy_fn=ent,
         stop_after=a.stop_after,
         log=lambda s: print(s, flush=True))
 
 
-def make_stream(lm, name: str, overrides: dict) -> Stream:
+def make_stream(lm, name: str, overrides: dict, corpus: str = "wiki") -> Stream:
     if name == "none":
         return Stream(name, None)
     if name == "ultraedit":
@@ -237,7 +246,8 @@ def make_stream(lm, name: str, overrides: dict) -> Stream:
     from knowledger.editors.memory import KeyMemory
 
     hp = resolve_hparams(lm, None, overrides)
-    return Stream(name, make_editor(lm, name, hp, DATA / "corpus" / "wiki.test.raw", progress=False), KeyMemory())
+    path = {"wiki": DATA / "corpus" / "wiki.test.raw", "sampled": None}.get(corpus, corpus)
+    return Stream(name, make_editor(lm, name, hp, path, progress=False), KeyMemory())
 
 
 def stream_hparams(stream: Stream) -> dict:

@@ -22,6 +22,7 @@ padding with the full attention mask (never a one-column mask).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
@@ -142,12 +143,47 @@ def _gguf_folder(gguf: Path, name: str) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _gguf_read_once():
+    """While converting: parse the GGUF file once, and build gguf's tensor-name map once.
+
+    transformers' GGUF loader (5.x) opens a new `gguf.GGUFReader` for the config, again for the
+    weights and again for the tokenizer; each parses every metadata field element by element (the
+    49,152-token vocabulary and its merges: ~8 CPU-s per parse for SmolLM2), and it builds
+    `gguf.get_tensor_name_map(arch, n_layers)` once per module of the model (~400 times, ~12
+    CPU-s in all). Both are pure functions of their arguments and their results are only read, so
+    they are memoised here, for the conversion only: 40 s of `init` became ~14 s
+    (docs/benchmarks.md, "The first run, end to end"). Both names are looked up on the `gguf`
+    module at call time by transformers, which is what makes the patch take; it is undone after.
+    """
+    import functools
+
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+        readers.clear()
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+    with _gguf_read_once():
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kw)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain one and copy the weights in.
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):

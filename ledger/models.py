@@ -318,9 +318,11 @@ class AuditResult(Base):
 class EditMemory(Base):
     """The past-edit memory of one edited layer: M = Σ k kᵀ over the keys of every active edit.
 
-    Updated in the same transaction as each operation that changes the active set (apply, redo,
-    replay, heal add their keys; undo subtracts its target's), so it always matches the ledger
-    head `as_of_seq`; derived from request_vectors, it is rebuilt from them when it does not.
+    A snapshot: written in the same transaction as an operation that changes the active set,
+    every agent.memory.SNAPSHOT_EVERY seqs (113 MB on the default model, so not at every one); it
+    matches the ledger at `as_of_seq`, and a reader brings it to the head with the stored keys of
+    the operations after it (apply, redo, replay, heal add theirs; undo subtracts its target's).
+    Derived from request_vectors, it is rebuilt from them when it cannot be brought up to date.
     """
 
     __tablename__ = "edit_memory"

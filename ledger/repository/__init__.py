@@ -25,7 +25,7 @@ from knowledger.ledger.repository.history import (DELTA_KINDS, get_operation_by_
                                                   running_operations, operation_facts,
                                                   operation_vectors, link_requests, active_facts,
                                                   load_vectors, active_fact_links, active_vectors,
-                                                  count_operations_since)
+                                                  count_operations_since, weight_changes)
 from knowledger.ledger.repository.targets import (load_target, operation_targets, active_targets,
                                                   add_anchor, find_anchor, list_anchors)
 from knowledger.ledger.repository.artifacts import (register_artifact, artifact_by_sha,
@@ -33,9 +33,10 @@ from knowledger.ledger.repository.artifacts import (register_artifact, artifact_
                                                     get_setting, set_setting, all_settings)
 from knowledger.ledger.repository.audits import (AuditFact, record_audit_run, list_audit_runs,
                                                  last_audit_run, audit_results, StoredMemory,
-                                                 load_memory, save_memory)
+                                                 load_memory, save_memory, memory_as_of)
 from knowledger.ledger.repository.lifelong import (BATCH, STATE, StoredMoments, save_lifelong, operation_lifelong,
-                                                   latest_lifelong_state, count_lifelong_rows)
+                                                   latest_lifelong_state, count_lifelong_rows,
+                                                   active_batch_counts)
 
 __all__ = ['Added', 'pending_duplicate', 'add_requests', 'get_request', 'list_requests',
            'count_requests_by_status', 'set_request_status', 'request_history',
@@ -52,5 +53,5 @@ __all__ = ['Added', 'pending_duplicate', 'add_requests', 'get_request', 'list_re
            'register_artifact', 'artifact_by_sha', 'get_artifact', 'list_artifacts',
            'artifact_shas', 'get_setting', 'set_setting', 'all_settings', 'AuditFact',
            'record_audit_run', 'list_audit_runs', 'last_audit_run', 'audit_results',
-           'StoredMemory', 'load_memory', 'save_memory', 'BATCH', 'STATE', 'StoredMoments', 'save_lifelong',
-           'operation_lifelong', 'latest_lifelong_state', 'count_lifelong_rows']
+           'StoredMemory', 'load_memory', 'save_memory', 'memory_as_of', 'weight_changes', 'BATCH', 'STATE', 'StoredMoments', 'save_lifelong',
+           'operation_lifelong', 'latest_lifelong_state', 'active_batch_counts', 'count_lifelong_rows']

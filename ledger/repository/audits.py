@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from knowledger.ledger import blobs
@@ -77,6 +77,11 @@ def load_memory(session: Session, base_model_id: int) -> list[StoredMemory]:
                            .order_by(EditMemory.layer))
     return [StoredMemory(r.layer, blobs.decode_checked((r.matrix,), r.sha256, f"edit memory of layer {r.layer}")[0],
                          r.n_keys, r.as_of_seq) for r in rows]
+
+
+def memory_as_of(session: Session, base_model_id: int) -> int | None:
+    """The oldest `as_of_seq` of a lineage's stored memory rows (None: nothing stored); reads no matrix."""
+    return session.scalar(select(func.min(EditMemory.as_of_seq)).where(EditMemory.base_model_id == base_model_id))
 
 
 def save_memory(session: Session, base_model_id: int, layers: Iterable[StoredMemory]) -> None:

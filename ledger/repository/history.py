@@ -45,6 +45,17 @@ def active_operations(session: Session, base_model_id: int, *,
     return [op for op in ops if op.kind in DELTA_KINDS and op.id not in undone]
 
 
+def weight_changes(session: Session, base_model_id: int, after_seq: int, up_to_seq: int) -> list[Operation]:
+    """The committed operations of a lineage that changed the weights (they recorded a weights
+    hash after), after_seq < seq <= up_to_seq, in seq order: what moved the live weights since."""
+    q = (select(Operation).where(Operation.base_model_id == base_model_id,
+                                 Operation.status == OperationStatus.committed,
+                                 Operation.weights_sha256_after.is_not(None),
+                                 Operation.seq > after_seq, Operation.seq <= up_to_seq)
+         .order_by(Operation.seq))
+    return list(session.scalars(q))
+
+
 def is_undone(session: Session, operation: Operation) -> bool:
     q = select(func.count()).select_from(Operation).where(
         Operation.kind == OperationKind.undo, Operation.status == OperationStatus.committed,

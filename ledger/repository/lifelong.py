@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from knowledger.ledger import blobs
 from knowledger.ledger.errors import IntegrityError
-from knowledger.ledger.models import Operation, OperationStatus, UltraEditStats
+from knowledger.ledger.models import Operation, OperationKind, OperationStatus, UltraEditStats
 
 BATCH, STATE = "batch", "state"  # an operation's own batch moments / the lineage's statistics after it
 
@@ -74,6 +74,23 @@ def latest_lifelong_state(session: Session, base_model_id: int) -> tuple[int, li
     if got is None:
         return None
     return int(got.seq), operation_lifelong(session, got.id, STATE)
+
+
+def active_batch_counts(session: Session, base_model_id: int) -> dict[int, int]:
+    """{layer: rows} summed over the batch moments of the lineage's active operations (committed,
+    carrying deltas, not undone), by one aggregate query: no moment is read or decoded."""
+    from knowledger.ledger.repository.history import DELTA_KINDS
+
+    undone = (select(Operation.target_operation_id)
+              .where(Operation.kind == OperationKind.undo, Operation.status == OperationStatus.committed,
+                     Operation.target_operation_id.is_not(None)))
+    q = (select(UltraEditStats.layer, func.sum(UltraEditStats.n))
+         .join(Operation, Operation.id == UltraEditStats.operation_id)
+         .where(UltraEditStats.base_model_id == base_model_id, UltraEditStats.role == BATCH,
+                Operation.base_model_id == base_model_id, Operation.status == OperationStatus.committed,
+                Operation.kind.in_(DELTA_KINDS), Operation.id.not_in(undone))
+         .group_by(UltraEditStats.layer))
+    return {int(layer): int(n) for layer, n in session.execute(q).all() if n}
 
 
 def count_lifelong_rows(session: Session) -> int:

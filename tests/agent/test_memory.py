@@ -30,11 +30,19 @@ def stored_and_rebuilt(db):
 
 
 def assert_consistent(db, n_keys):
-    stored, rebuilt, head = stored_and_rebuilt(db)
-    assert set(stored) == {1, 2}
-    for layer, (M, n, seq) in stored.items():
-        assert seq == head and n == rebuilt.counts.get(layer, 0) == n_keys
+    """What a command loads (the stored snapshot + the operations since) equals a rebuild from the
+    active operations' keys; returns the snapshot's seq and the head."""
+    with open_workspace(db) as w, w.reading() as s:
+        base = repo.current_base_model(s)
+        head = repo.head_operation(s, base.id).seq
+        loaded, rebuilt_flag = amem.load(s, base.id, head)
+        rebuilt, since = amem.rebuild(s, base.id), repo.memory_as_of(s, base.id)
+    assert not rebuilt_flag and since is not None and since <= head
+    assert set(loaded.sums) == {1, 2}
+    for layer, M in loaded.sums.items():
+        assert loaded.counts[layer] == rebuilt.counts.get(layer, 0) == n_keys
         torch.testing.assert_close(M, rebuilt.sums.get(layer, torch.zeros_like(M)), atol=1e-9, rtol=1e-9)
+    return since, head
 
 
 def test_memory_after_apply_undo_apply_equals_the_memory_of_the_surviving_keys(ws, corpus):
@@ -52,9 +60,29 @@ def test_memory_after_apply_undo_apply_equals_the_memory_of_the_surviving_keys(w
     assert_consistent(ws, 3)
     with open_workspace(ws) as w:
         ops.redo(w, seq=1)  # reused deltas bring their recorded keys back
-    assert_consistent(ws, 5)
+    since, head = assert_consistent(ws, 5)
+    assert since == 1 < head  # one snapshot (the first apply); the later operations are replayed
     stored, _, _ = stored_and_rebuilt(ws)
     assert float(stored[1][0].abs().sum()) > 0
+
+
+def test_the_memory_is_snapshotted_every_n_operations_not_every_one(ws, corpus, monkeypatch):
+    """Between snapshots nothing is written; a load replays the operations since the last one,
+    an undo of an operation from before the snapshot included."""
+    monkeypatch.setattr(amem, "SNAPSHOT_EVERY", 2)
+    writes = []
+    real = repo.save_memory
+    monkeypatch.setattr(repo, "save_memory", lambda s, b, layers: (writes.append(b), real(s, b, layers)))
+    submit(ws, GOOD[:4])
+    apply(ws, corpus, batch_size=1, editor="emmet")  # seqs 1-4 in one command: snapshots at 1 and 3
+    since, head = assert_consistent(ws, 4)
+    assert (since, head, len(writes)) == (3, 4, 2)
+    with open_workspace(ws) as w:
+        ops.undo(w, seq=2)  # seq 5: from before the snapshot; 5 >= 3 + 2: a new snapshot
+    assert assert_consistent(ws, 3) == (5, 5) and len(writes) == 3
+    with open_workspace(ws) as w:
+        ops.undo(w, seq=1)  # seq 6: replayed on top of the snapshot at 5
+    assert assert_consistent(ws, 2) == (5, 6) and len(writes) == 3
 
 
 def test_a_stale_or_missing_memory_is_rebuilt_from_the_key_vectors(ws, corpus):

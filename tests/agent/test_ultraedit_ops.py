@@ -39,6 +39,11 @@ def ledger(db):
         latest = repo.latest_lifelong_state(s, base.id)
         state = None if latest is None else (latest[0], LifelongStats(alife.from_stored(latest[1])))
         batches = dict(alife.batches(s, base.id))
+        want: dict[int, int] = {}  # what load's one aggregate query must count
+        for b in batches.values():
+            for l, m in b.layers.items():
+                want[l] = want.get(l, 0) + m.n
+        assert repo.active_batch_counts(s, base.id) == {l: n for l, n in want.items() if n}
         n_rows = repo.count_lifelong_rows(s)
         head = repo.head_operation(s, base.id)
         return state, batches, n_rows, head.seq if head else 0

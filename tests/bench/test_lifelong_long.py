@@ -78,3 +78,22 @@ def test_the_report_reads_a_partial_run(tmp_path):
     assert "6 / 8" in table([r]).splitlines()[2]
     plot([r], tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_curve_at_adds_points_and_the_stats_report_reads_them(tmp_path):
+    """--curve-at 2 adds a point after the first batch; bench/stats_tokens_seq.py tabulates runs by
+    (source, tokens) at the asked edit counts and plots them."""
+    from bench.stats_tokens_seq import load, plot, table
+
+    for tokens in (100, 300):
+        model, stream = _fresh()
+        cfg = dict(CONFIG, hparams=dict(stats_tokens=tokens), corpus="sampled")
+        progress = run(model, TOK, stream.editor.spec, FACTS, stream, tmp_path / f"r{tokens}", cfg,
+                       checkpoint_every=1, curve_every=8, curve_at=[2], eval_sample=8, log=lambda s: None)
+        assert [p["edits"] for p in progress["curve"]] == [2, 8]
+    runs = [load(tmp_path / f"r{t}") for t in (300, 100)]
+    rows = table(runs, [2, 8]).splitlines()[2:]
+    assert [r.split(" | ")[1:4] for r in rows] == [["sampled", "100", "2"], ["sampled", "100", "8"],
+                                                    ["sampled", "300", "2"], ["sampled", "300", "8"]]
+    plot(runs, [2, 8], tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0

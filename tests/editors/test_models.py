@@ -177,3 +177,31 @@ def test_default_model_knows_paris(real_cache):
     with torch.no_grad():
         top = model(**ids).logits[0, -1].argmax()
     assert tok.decode(top) == " Paris"
+
+
+def test_gguf_conversion_parses_the_file_once_and_restores_gguf(monkeypatch):
+    """While converting, `gguf.GGUFReader(path)` is built once per path and the tensor-name map
+    once per (arch, layers); afterwards both names are gguf's own again."""
+    import gguf
+
+    from knowledger.editors import models
+
+    built = []
+
+    class Reader:
+        def __init__(self, path, mode="r"):
+            built.append(path)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    maps = []
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda arch, n: maps.append((arch, n)) or object())
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with models._gguf_read_once():
+        a, b, c = gguf.GGUFReader("m.gguf"), gguf.GGUFReader("m.gguf"), gguf.GGUFReader("other.gguf")
+        m1, m2 = gguf.get_tensor_name_map("llama", 30), gguf.get_tensor_name_map("llama", 30)
+        gguf.get_tensor_name_map("llama", 2)
+    assert a is b and a is not c and built == ["m.gguf", "other.gguf"]
+    assert m1 is m2 and maps == [("llama", 30), ("llama", 2)]
+    assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
+    gguf.GGUFReader("m.gguf")
+    assert len(built) == 3  # outside the conversion: no memo

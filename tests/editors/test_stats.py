@@ -11,7 +11,7 @@ from knowledger.editors import stats
 from knowledger.editors.corpus import Corpus
 from knowledger.editors.model_spec import spec_for
 from knowledger.editors.stats import second_moments
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
 TEXT = """ = Valley Rivers =
 
@@ -392,3 +392,43 @@ def test_sampled_statistics_are_cached_and_reused(tmp_path, monkeypatch):
     assert torch.equal(more[1], first[1]) and torch.isfinite(more[2]).all()
     assert len(list((tmp_path / "cache" / "corpora").glob("*.txt"))) == 1
     assert 0 < len(calls) < 10  # one pass over the cached text for layer 2, no sampling
+
+
+# --- the sampler's draw and its KV cache -------------------------------------------------------
+def test_inverse_cdf_draw_matches_the_softmax_and_skips_banned_tokens():
+    """`_draw` samples softmax(logits): empirical frequencies within 4 standard errors of the
+    probabilities on a skewed 6-token distribution, and a -inf token is never drawn, even at the
+    start and the end of the vocabulary (where an off-by-one in the search would land)."""
+    from knowledger.editors.corpus import _draw
+
+    logits = torch.tensor([[float("-inf"), 2.0, 0.0, -1.0, 1.0, float("-inf")]]).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.cat([_draw(logits, gen) for _ in range(5)])[:, 0]  # 20,000 draws
+    freq = torch.bincount(ids, minlength=6).double() / ids.numel()
+    p = torch.softmax(logits[0].double(), -1)
+    se = (p * (1 - p) / ids.numel()).sqrt()
+    assert freq[0] == 0 and freq[5] == 0
+    assert ((freq - p).abs() <= 4 * se + 1e-12).all(), (freq, p)
+    # one-hot rows: exactly that token
+    hot = torch.full((3, 7), float("-inf"))
+    hot[0, 0], hot[1, 6], hot[2, 3] = 0.0, 0.0, 0.0
+    assert _draw(hot, gen)[:, 0].tolist() == [0, 6, 3]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_kv_cache_samples_what_the_dynamic_one_does(family, monkeypatch):
+    """The preallocated cache (full mask + cache_position) gives the same tokens as the
+    concatenating one, on left-padded rows of different lengths (float64: no rounding flips)."""
+    from knowledger.editors import corpus as corpus_mod
+    from transformers import DynamicCache
+
+    model = tiny_model(family, n_layers=2, init_range=0.3).double()
+    encoded = [[1, 5, 9], [1, 7], [1, 11, 12, 13]]
+    assert corpus_mod._kv_cache(model, 10)[1]  # these families take the static cache
+    run = lambda: corpus_mod._generate(model, encoded, 4, 6, 0, [2], torch.Generator().manual_seed(3), "cpu")  # noqa: E731
+    with torch.inference_mode():
+        static = run()
+        monkeypatch.setattr(corpus_mod, "_kv_cache", lambda m, n: (DynamicCache(), False))
+        dynamic = run()
+    assert torch.equal(static, dynamic)
+    assert (static != 2).all()  # the banned token never appears
