@@ -50,7 +50,8 @@ BOTH_DATABASES_DIRS = ("ledger",)
 BOTH_DATABASES_MODULES = ("tests/agent/test_operations.py", "tests/agent/test_concurrency.py",
                           "tests/cli/test_submit.py", "tests/cli/test_edits.py",
                           "tests/cli/test_listing.py", "tests/agent/test_nas_ops.py",
-                          "tests/agent/test_consolidate_ops.py")
+                          "tests/agent/test_consolidate_ops.py", "tests/agent/test_ultraedit_ops.py",
+                          "tests/agent/test_memory.py")
 # tests in those modules that look at the workspace's files by path (SQLite layout)
 SQLITE_ONLY = {"test_status"}
 
