@@ -75,10 +75,19 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.set_xlabel("sequential edits")
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """fig as a PNG at path, written atomically (editors.fileio): a killed report leaves no half file."""
+    import io
+
+    from knowledger.editors.fileio import atomic_write_bytes
+
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    tmp.replace(path)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def main() -> None:

@@ -63,6 +63,11 @@ def plot(runs: list[dict], at: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    try:  # imported as bench.stats_tokens_seq (tests) or run as a script from bench/
+        from bench.lifelong_report import save_figure
+    except ImportError:
+        from lifelong_report import save_figure
+
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.5 * len(PLOTTED), 4))
     for ax, key in zip(axes, PLOTTED):
         for source in sorted({r["source"] for r in runs}):
@@ -76,10 +81,7 @@ def plot(runs: list[dict], at: list[int], path: Path) -> None:
         ax.set_xlabel("statistics tokens")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
