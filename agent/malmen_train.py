@@ -120,6 +120,9 @@ def train(lm: LoadedModel, requests: list[EditRequest], out: str | os.PathLike, 
 
     def validate_and_keep(step):
         nonlocal best
+        seen = [h["tokens"] for h in history if "tokens" in h]
+        if seen:  # the batch λ was learned at, in normal-equation rows (editors.malmen.editor)
+            meta["train_tokens"] = round(sum(seen) / len(seen), 1)
         if not val_set:
             save_hypernet(net, out, dict(meta, step=step, validation=None))
             return

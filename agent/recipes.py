@@ -192,7 +192,7 @@ def direct_editor(lm: LoadedModel, method: str, hp: EditHParams, corpus=None, *,
         if not hypernet:
             raise ValueError("the malmen editor needs --hypernet DIR (a folder made by `knowledger train-malmen`)")
         net, sha = load_hypernet(hypernet)
-        return MalmenEditor(lm.model, lm.tokenizer, net, sha=sha)
+        return MalmenEditor(lm.model, lm.tokenizer, net, sha=sha, lambda_scale=hp.malmen_lambda)
     if method == ULTRAEDIT:
         return ultraedit_editor(lm, hp)
     stats = ensure_stats(lm, hp, corpus, progress=progress)

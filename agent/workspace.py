@@ -30,7 +30,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from knowledger.agent.jsonutil import iso
-from knowledger.ledger import migrate, repository as repo
+from knowledger.ledger import repository as repo, schema
 from knowledger.ledger.db import make_engine, read_session, write_session
 from knowledger.agent.errors import UnsupportedModel
 from knowledger.ledger.errors import (KnowledgerError, SchemaOutdated, WorkspaceExists,
@@ -135,7 +135,7 @@ def _connect(loc: Location) -> Engine:
 def _revision(engine: Engine, loc: Location) -> tuple[str | None, bool]:
     """(schema revision, whether the database has any table at all)."""
     try:
-        current = migrate.current_revision(engine)
+        current = schema.current_revision(engine)
         has_tables = bool(inspect(engine).get_table_names()) if current is None else True
     except SQLAlchemyError as e:
         raise KnowledgerError(f"cannot read the workspace database {loc.display_url}: "
@@ -155,6 +155,8 @@ def _require_database(loc: Location, engine: Engine) -> str:
 
 
 def _outdated(current: str, head: str) -> SchemaOutdated:
+    from knowledger.ledger import migrate  # Alembic: only when the schema is not at head
+
     if migrate.known_revision(current):
         return SchemaOutdated(f"the workspace database is at schema revision {current}, this "
                               f"knowledger needs {head}: run `knowledger db upgrade`")
@@ -169,7 +171,7 @@ def open_workspace(db: str | os.PathLike | Location | None = None) -> Workspace:
         raise WorkspaceNotFound(f"no knowledger workspace at {loc.where}: run `knowledger init`")
     engine = _connect(loc)
     try:
-        current, head = _require_database(loc, engine), migrate.head_revision()
+        current, head = _require_database(loc, engine), schema.HEAD_REVISION
         if current != head:
             raise _outdated(current, head)
     except BaseException:
@@ -250,6 +252,8 @@ def init_workspace(db: str | os.PathLike | None = None, model: str | None = None
     loc.home.mkdir(parents=True, exist_ok=True)
     engine = _connect(loc)
     try:
+        from knowledger.ledger import migrate
+
         migrate.upgrade(engine)
         with write_session(engine) as s:
             bm = repo.add_base_model(s, name_or_path=fp.get("name_or_path") or name,
@@ -269,7 +273,7 @@ def schema_revision(db: str | os.PathLike | None = None) -> dict:
         raise WorkspaceNotFound(f"no knowledger workspace at {loc.where}: run `knowledger init`")
     with _disposing(_connect(loc)) as engine:
         current = _require_database(loc, engine)
-    head = migrate.head_revision()
+    head = schema.HEAD_REVISION
     return dict(database=loc.display_url, current=current, head=head, up_to_date=current == head)
 
 
@@ -279,6 +283,8 @@ def upgrade_workspace(db: str | os.PathLike | None = None, revision: str = "head
     if loc.sqlite_file is not None and not loc.sqlite_file.exists():
         raise WorkspaceNotFound(f"no knowledger workspace at {loc.where}: run `knowledger init`")
     with _disposing(_connect(loc)) as engine:
+        from knowledger.ledger import migrate
+
         before = _require_database(loc, engine)
         if not migrate.known_revision(before):
             raise _outdated(before, migrate.head_revision())
@@ -309,9 +315,9 @@ def workspace_status(ws: Workspace) -> dict:
         bm = repo.current_base_model(s)
         by_status = repo.count_requests_by_status(s)
         n_ops = repo.count_operations(s)
-        current = migrate.current_revision(ws.engine)
+        current = schema.current_revision(ws.engine)
     return dict(workspace=str(ws.location.home), database=ws.location.display_url,
-                schema=dict(current=current, head=migrate.head_revision()),
+                schema=dict(current=current, head=schema.HEAD_REVISION),
                 base_model=base_model_view(bm) if bm else None,
                 facts=dict(total=sum(by_status.values()), by_status=by_status),
                 operations=dict(total=n_ops))

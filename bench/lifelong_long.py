@@ -91,6 +91,96 @@ class Stream:
                 self.memory.counts[int(k[9:])] = int(v[0])
 
 
+class LedgerStream(Stream):
+    """An editor as the agent runs it: each batch is submitted to a workspace (--out/ws) and applied
+    by agent.apply: the scheduler's choice of editor (`auto`), the past-edit memory, NAS anchors and
+    the `consolidate_every` rule, all from the ledger. The ledger is the editor's state, so a
+    checkpoint holds only the edited layers' weights; `load_state` (resume) and every step read
+    the live weights back from the ledger.
+
+    A batch is tagged with its index in the facts' `source` ("bench:<index>"), so a kill between
+    the apply's commit and the checkpoint does not apply it twice: the resumed step sees the
+    batch already applied and only reads the weights (its seconds are then not counted)."""
+
+    def __init__(self, model, ws_dir: Path, editor: str, layers, *, batch: int, consolidate_every: int = 0,
+                 corpus=None, overrides: dict | None = None, base_model: str | None = None,
+                 stats_tokens: int | None = None):
+        super().__init__(editor, None)
+        self._model = model  # the benchmark's model, which every step's live weights are copied into
+        self.ws_dir, self.batch, self.corpus, self.stats_tokens = ws_dir, batch, corpus, stats_tokens
+        self.overrides = dict(overrides or {})
+        self._layers = tuple(layers)
+        self.index = 0  # batches stepped so far (set from the checkpoint on resume)
+        import knowledger
+        from knowledger.agent import config as settings
+
+        with knowledger.init(str(ws_dir), model=base_model) as ws:
+            settings.set_value(ws, "consolidate_every", str(int(consolidate_every)))
+        self.consolidations = 0
+
+    @property
+    def layers(self):
+        return self._layers
+
+    def _counts(self, ws, tag: str) -> dict:
+        from sqlalchemy import func, select
+
+        from knowledger.ledger.models import Request
+
+        with ws.reading() as s:
+            rows = s.execute(select(Request.status, func.count()).where(Request.source == tag)
+                             .group_by(Request.status)).all()
+        return {getattr(k, "value", k): n for k, n in rows}
+
+    def step(self, model, batch) -> dict:
+        import knowledger
+
+        tag = f"bench:{self.index}"
+        timings: dict = {}
+        with knowledger.open_workspace(str(self.ws_dir)) as ws:
+            if not self._counts(ws, tag):
+                knowledger.submit(ws, [_fact_dict(r) for r in batch], source=tag)
+            if self._counts(ws, tag).get("pending"):
+                result = knowledger.apply(ws, editor=self.name, batch_size=self.batch, corpus=self.corpus,
+                                          stats_tokens=self.stats_tokens, overrides=self.overrides or None,
+                                          audit="never")
+                editors = sorted({op.editor for op in result.operations if op.editor})
+                timings["editors"] = ",".join(editors)
+                if result.consolidation is not None:
+                    self.consolidations += 1
+                    timings["consolidated"] = 1.0
+            counts = self._counts(ws, tag)
+            timings["applied"] = float(counts.get("applied", 0))
+            self._read_live(ws, model)
+        self.index += 1
+        return timings
+
+    def _read_live(self, ws, model) -> None:
+        from knowledger.agent.export import open_for_reading
+
+        live, _, _ = open_for_reading(ws, "bench")
+        with torch.no_grad():
+            for name, p in live.model.named_parameters():
+                model.get_parameter(name).copy_(p)
+        del live
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ledger_index": torch.tensor([self.index])}
+
+    def load_state(self, t: dict[str, torch.Tensor]) -> None:
+        import knowledger
+
+        self.index = int(t["ledger_index"][0])
+        with knowledger.open_workspace(str(self.ws_dir)) as ws:
+            self._read_live(ws, self._model)
+
+
+def _fact_dict(r) -> dict:
+    """An editors.EditRequest as a fact for knowledger.submit."""
+    return dict(prompt=r.prompt, subject=r.subject, target_new=r.target_new, target_true=r.target_true,
+                paraphrases=list(r.paraphrases), neighborhood=[list(pair) for pair in r.neighborhood])
+
+
 def _write_checkpoint(out: Path, model, spec, stream: Stream, progress: dict) -> None:
     tensors = {f"weight.{l}": model.get_parameter(spec.weight_name(l)).detach().contiguous()
                for l in stream.layers}
@@ -157,7 +247,7 @@ def run(model, tokenizer, spec, requests, stream: Stream, out: Path, config: dic
         progress["batches_done"] = b + 1
         done = min((b + 1) * B, len(requests))
         progress["batches"].append(dict(index=b + 1, n=len(batch), seconds=secs,
-                                        **{k: v for k, v in timings.items() if isinstance(v, float)}))
+                                        **{k: v for k, v in timings.items() if isinstance(v, (float, str))}))
         reached = any(done - len(batch) < c <= done for c in curve_at)
         if done % curve_every < B or reached or b + 1 == n_batches:
             cur = {l: model.get_parameter(spec.weight_name(l)) for l in stream.layers}
@@ -202,6 +292,10 @@ def main() -> None:
                     help="generation entropy over the rewrite prompts of the first N facts (0: off)")
     ap.add_argument("--stop-after", type=int, default=None)
     ap.add_argument("--hparams", default="{}", help="JSON overrides of the editor's hyperparameters")
+    ap.add_argument("--ledger", action="store_true",
+                    help="run the editor (e.g. auto) through a workspace in OUT/ws: submit + apply per batch")
+    ap.add_argument("--consolidate-every", type=int, default=0,
+                    help="with --ledger: the workspace's consolidate_every (0: never)")
     a = ap.parse_args()
     from knowledger.agent.bench import load_requests
     from knowledger.agent.editing import open_model
@@ -209,9 +303,15 @@ def main() -> None:
     lm = open_model()
     reqs, _ = load_requests(Path(a.facts), a.n, a.offset)
     overrides = json.loads(a.hparams)
-    stream = make_stream(lm, a.editor, overrides, corpus=a.corpus)
+    if a.ledger:
+        stream = ledger_stream(lm, Path(a.out) / "ws", a.editor, overrides, corpus=a.corpus, batch=a.batch,
+                               consolidate_every=a.consolidate_every)
+    else:
+        stream = make_stream(lm, a.editor, overrides, corpus=a.corpus)
     config = dict(editor=a.editor, facts=Path(a.facts).name, offset=a.offset, n=len(reqs), batch=a.batch,
                   hparams=stream_hparams(stream), model_sha256=lm.weights_sha256)
+    if a.ledger:
+        config.update(ledger=True, overrides=overrides, consolidate_every=a.consolidate_every)
     if a.corpus != "wiki":  # (absent from runs made before the option: they resume unchanged)
         config["corpus"] = a.corpus
     ppl = None
@@ -248,6 +348,19 @@ def make_stream(lm, name: str, overrides: dict, corpus: str = "wiki") -> Stream:
     hp = resolve_hparams(lm, None, overrides)
     path = {"wiki": DATA / "corpus" / "wiki.test.raw", "sampled": None}.get(corpus, corpus)
     return Stream(name, make_editor(lm, name, hp, path, progress=False), KeyMemory())
+
+
+def ledger_stream(lm, ws_dir: Path, editor: str, overrides: dict, *, corpus: str = "wiki", batch: int,
+                  consolidate_every: int = 0) -> LedgerStream:
+    """A LedgerStream whose weight checkpoints cover every layer the closed-form editors and
+    ultraedit edit on this model (consolidation re-solves the former)."""
+    from knowledger.agent.editing import resolve_hparams
+    from knowledger.editors.ultraedit import preset_for
+
+    layers = set(resolve_hparams(lm, None, overrides).layers) | set(preset_for(lm.model)[0].layers)
+    path = {"wiki": DATA / "corpus" / "wiki.test.raw", "sampled": None}.get(corpus, corpus)
+    return LedgerStream(lm.model, ws_dir, editor, sorted(layers), batch=batch, consolidate_every=consolidate_every,
+                        corpus=str(path) if path else None, overrides=overrides)
 
 
 def stream_hparams(stream: Stream) -> dict:

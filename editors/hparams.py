@@ -46,6 +46,7 @@ RANGES: dict[str, tuple] = {
     "nas_max_ratio": ("float", 0, None, True),
     "ultraedit_lr": ("float", 0, None), "ultraedit_ridge": ("float", 0, None),
     "ultraedit_normalise": ("bool",), "ultraedit_eps": ("float", 0, None, True),
+    "malmen_lambda": (("trained", "tokens"),),
 }
 _INF_OK = {"early_stop_loss"}  # a threshold: +inf means "the goal is met at once"
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
@@ -188,6 +189,12 @@ class EditHParams:
     ultraedit_ridge: float = 0.0  # α of the ridge solve (raw key units); 0: the preset's
     ultraedit_normalise: bool = True  # lifelong normalisation (false: the ablation that collapses)
     ultraedit_eps: float = 1e-6  # floor of the running standard deviation
+
+    # --- MALMEN (editors.malmen): the ridge e^λ_ℓ of its normal equation, per edited layer ------
+    # "trained": e^λ_ℓ as meta-training learned it, at the batch it trained with; "tokens": scaled
+    # by n / n_train, the normal equation's rows now over the mean rows it met in training, so that
+    # the ridge keeps its weight against UᵀU (which grows with the batch); docs/malmen.md
+    malmen_lambda: Literal["trained", "tokens"] = "trained"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # parse by the field's type, check its range

@@ -145,7 +145,8 @@ def _gguf_folder(gguf: Path, name: str) -> Path:
 
 @contextlib.contextmanager
 def _gguf_read_once():
-    """While converting: parse the GGUF file once, and build gguf's tensor-name map once.
+    """While converting: parse the GGUF file once (its reader and its metadata values), and build
+    gguf's tensor-name map once.
 
     transformers' GGUF loader (5.x) opens a new `gguf.GGUFReader` for the config, again for the
     weights and again for the tokenizer; each parses every metadata field element by element (the
@@ -169,12 +170,30 @@ def _gguf_read_once():
             readers[key] = reader_cls(path, mode)
         return readers[key]
 
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    parse = loader._gguf_parse_value
+    parsed: dict = {}
+
+    def parse_once(value, data_type):
+        # the memoised reader hands the same arrays to all three loads: the second and third parse
+        # of every field (~2.4 s each for SmolLM2) become look-ups; the array is kept alive with its
+        # result, so its id cannot be reused for another array while this context is open
+        key = (id(value), tuple(data_type) if isinstance(data_type, list) else data_type)
+        hit = parsed.get(key)
+        if hit is None:
+            hit = parsed[key] = (value, parse(value, data_type))
+        return hit[1]
+
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    loader._gguf_parse_value = parse_once
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+        loader._gguf_parse_value = parse
         readers.clear()
+        parsed.clear()
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -52,9 +52,11 @@ def load_hypernet(folder: str | os.PathLike) -> tuple[HyperNet, str]:
     if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
         raise FileNotFoundError(f"{folder} is not a MALMEN hyper-network (no {WEIGHTS} and {CONFIG}); "
                                 "make one with `knowledger train-malmen`")
-    cfg = HyperConfig.from_dict(json.loads((folder / CONFIG).read_text())["hyper"])
-    net = HyperNet(cfg)
+    doc = json.loads((folder / CONFIG).read_text())
+    net = HyperNet(HyperConfig.from_dict(doc["hyper"]))
     net.load_state_dict(load_file(str(folder / WEIGHTS)))
+    train_tokens = doc.get("meta", {}).get("train_tokens")
+    net.train_tokens = float(train_tokens) if train_tokens else None
     return net.eval(), artefact_sha256(folder)
 
 

@@ -3,6 +3,7 @@ the hyper-network's value shifts (net.py) -> one least-squares update per layer 
 EditResult of factored deltas; the model is left untouched (Tan, Zhang & Fu, ICLR 2024, Alg. 1)."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -25,8 +26,18 @@ class MalmenEditor:
     method = "malmen"
     reads_memory = False  # MALMEN keeps no past-edit memory
 
-    def __init__(self, model, tokenizer, net: HyperNet, *, sha: str | None = None):
+    def __init__(self, model, tokenizer, net: HyperNet, *, sha: str | None = None,
+                 lambda_scale: str = "trained"):
+        """lambda_scale: "trained" solves with e^λ_ℓ as learned; "tokens" with e^λ_ℓ · n / n_train
+        (n: this batch's edit tokens, n_train: the mean per training step, net.train_tokens)."""
+        if lambda_scale not in ("trained", "tokens"):
+            raise ValueError(f"unknown lambda_scale {lambda_scale!r} (accepted: trained, tokens)")
+        if lambda_scale == "tokens" and not net.train_tokens:
+            raise ValueError("malmen_lambda=tokens needs the training batch's size, which this "
+                             "hyper-network does not record (trained before it was kept): retrain, "
+                             "or use malmen_lambda=trained")
         self.model, self.tokenizer, self.net, self.sha = model, tokenizer, net.eval(), sha
+        self.lambda_scale = lambda_scale
         self.spec = spec_for(model)
         check_compatible(net.config, model)
         self.layers = net.config.layers
@@ -64,7 +75,7 @@ class MalmenEditor:
         result = EditResult(editor=self.method, deltas=[], timings=timings,
                             diagnostics={"hypernet_sha256": self.sha, "edit_loss_before": loss})
         for i, l in enumerate(cfg.layers):
-            lam = float(net.log_lambda[i].detach())
+            lam = self.log_lambda(i, normals[l].n)
             S = normals[l].solve(lam)  # (d_in, d_out)
             left, right = factor(S)
             delta = LayerDelta(layer=l, param=spec.weight_name(l), left=left.float(), right=right.float())
@@ -80,6 +91,16 @@ class MalmenEditor:
         timings["solve_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
         return result
+
+
+    def log_lambda(self, i: int, n: int) -> float:
+        """The λ that solves layer index i's normal equation of n rows: the trained λ_ℓ, plus
+        log(n / n_train) under lambda_scale "tokens" (UᵀU and UᵀD are sums over rows, so this keeps
+        the ridge's share of the normal matrix at what training saw)."""
+        lam = float(self.net.log_lambda[i].detach())
+        if self.lambda_scale == "tokens" and n > 0:
+            lam += math.log(n / self.net.train_tokens)
+        return lam
 
 
 def _to(tf: TeacherForced, device) -> TeacherForced:

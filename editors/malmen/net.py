@@ -76,6 +76,7 @@ class HyperNet(nn.Module):
         self.blocks = nn.ModuleList(LowRankBlock(dim, config.rank, L) for _ in range(config.n_blocks))
         self.log_lr = nn.Parameter(torch.zeros(L))  # lr_ℓ = exp(log_lr); set from data at step 0
         self.log_lambda = nn.Parameter(torch.zeros(L))  # λ_ℓ of the normal equation
+        self.train_tokens: float | None = None  # mean normal-equation rows per training step (λ's batch)
 
     def forward(self, i: int, u: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """u (n, d_in), g (n, d_out) -> d (n, d_out)"""

@@ -161,6 +161,7 @@ class Trainer:
         net.log_lambda.grad = lam_grad if net.log_lambda.grad is None else net.log_lambda.grad + lam_grad
         self.opt.step()
         stats.update(cache_s=t_cache, lm_s=t_lm, step_s=time.perf_counter() - t0,
+                     tokens=len(cache.u[cfg.layers[0]]),  # rows of the normal equation: what λ met
                      edit_loss_before=cache.loss / len(facts),
                      lr=[round(float(x), 6) for x in net.log_lr.detach().exp()],
                      log_lambda=[round(float(x), 3) for x in net.log_lambda.detach()])

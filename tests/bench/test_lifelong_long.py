@@ -97,3 +97,60 @@ def test_curve_at_adds_points_and_the_stats_report_reads_them(tmp_path):
                                                     ["sampled", "300", "2"], ["sampled", "300", "8"]]
     plot(runs, [2, 8], tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def _ledger_run(tmp_path, out, stop_after=None, consolidate_every=0, kill_after_commit=False):
+    """The LedgerStream on the tiny editable model: 3 batches of 2 facts, EMMET through the agent."""
+    from bench.lifelong_long import LedgerStream
+    from knowledger.agent.editing import open_model
+    from knowledger.editors.requests import EditRequest
+    from tests.agent.helpers import GOOD, OVERRIDES, STATS_TOKENS, save_editable_tiny, write_corpus
+
+    tiny = tmp_path / "m"
+    if not tiny.exists():
+        save_editable_tiny(tiny)
+        write_corpus(tmp_path / "corpus.txt")
+    lm = open_model(str(tiny))
+    facts = [EditRequest(prompt=p, subject=s, target_new=t, target_true="Paris" if t != "Paris" else "Rome")
+             for p, s, t in GOOD]
+    stream = LedgerStream(lm.model, out / "ws", "emmet", (1, 2), batch=2, consolidate_every=consolidate_every,
+                          corpus=str(tmp_path / "corpus.txt"), overrides=OVERRIDES, base_model=str(tiny),
+                          stats_tokens=STATS_TOKENS)
+    config = dict(editor="emmet", batch=2, n=len(facts), ledger=True)
+    progress = run(lm.model, lm.tokenizer, lm.spec, facts, stream, out, config, checkpoint_every=1,
+                   curve_every=6, eval_sample=6, stop_after=stop_after, log=lambda s: None)
+    if kill_after_commit:  # the next batch's apply commits, then the process dies before its checkpoint
+        b = progress["batches_done"]
+        stream.step(lm.model, facts[b * 2 : (b + 1) * 2])
+    return lm, stream, progress
+
+
+def _ledger_statuses(ws_dir):
+    import knowledger
+    from knowledger.ledger import repository as repo
+
+    with knowledger.open_workspace(str(ws_dir)) as ws, ws.reading() as s:
+        return repo.count_requests_by_status(s), [op.kind.value for op in repo.list_operations(s)]
+
+
+def test_the_ledger_stream_resumes_from_the_ledger_without_applying_a_batch_twice(tmp_path):
+    lm_a, stream_a, full = _ledger_run(tmp_path, tmp_path / "a")
+    assert full["batches_done"] == 3 and full["curve"][-1]["edits"] == 6
+    statuses, kinds = _ledger_statuses(tmp_path / "a" / "ws")
+    assert sum(statuses.values()) == 6 and kinds == ["apply"] * 3
+    _ledger_run(tmp_path, tmp_path / "b", stop_after=1, kill_after_commit=True)  # batch 2 committed, no checkpoint
+    lm_b, stream_b, resumed = _ledger_run(tmp_path, tmp_path / "b")
+    assert resumed["batches_done"] == 3
+    statuses_b, kinds_b = _ledger_statuses(tmp_path / "b" / "ws")
+    assert statuses_b == statuses and kinds_b == kinds  # no batch submitted or applied twice
+    for l in (1, 2):
+        name = lm_a.spec.weight_name(l)
+        assert weight_sha256(lm_b.model.get_parameter(name)) == weight_sha256(lm_a.model.get_parameter(name))
+    assert resumed["curve"][-1]["metrics"] == full["curve"][-1]["metrics"]
+
+
+def test_the_ledger_stream_consolidates_on_the_workspace_rule(tmp_path):
+    _, _, progress = _ledger_run(tmp_path, tmp_path / "c", consolidate_every=4)
+    _, kinds = _ledger_statuses(tmp_path / "c" / "ws")
+    assert kinds.count("consolidate") == 1 and kinds.count("apply") == 3
+    assert [b.get("consolidated") for b in progress["batches"]] == [None, 1.0, None]

@@ -1,6 +1,7 @@
 """MALMEN: the normal-equation aggregation, the token cache, the hyper-network and the editor."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -169,6 +170,10 @@ def test_a_freshly_trained_small_hypernet_raises_the_targets_probability(editabl
     assert summary["steps_done"] == 12 and summary["best"] is not None
     net, sha = load_hypernet(tmp_path / "net")
     assert sha == summary["best"]["sha256"]
+    rows = [h["tokens"] for h in json.loads((tmp_path / "net" / "training.json").read_text())["history"]
+            if "tokens" in h]
+    assert rows and net.train_tokens == pytest.approx(sum(rows[: summary["best"]["step"]]) / summary["best"]["step"],
+                                                      abs=0.05)  # the mean rows of the steps before it was kept
     items = [(r.text, r.target_new) for r in held_out]
     p_before = torch.tensor([s.logprob for s in score(model, tok, items)])
     res = MalmenEditor(model, tok, net, sha=sha).compute(held_out)  # the whole batch at once
@@ -199,3 +204,45 @@ def test_save_load_round_trip_and_compatibility(tmp_path):
         load_hypernet(tmp_path)
     with pytest.raises(ValueError, match="unknown hyper-network setting"):
         HyperConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_lambda_scaled_by_tokens_keeps_the_ridge_share_of_the_normal_matrix(editable):
+    """lambda_scale "tokens": e^λ · n / n_train. At n = n_train it is the trained solve; at n_train
+    = n / 4 the solve is the trained one with e^λ four times larger (a dense ridge reference)."""
+    model, tok = editable.model, editable.tokenizer
+    cfg = HyperConfig.for_model(model, layers=(2, 3), rank=4, lm_batch=8)
+    net = HyperNet(cfg)
+    with torch.no_grad():
+        net.log_lr.fill_(math.log(1e-2))
+        net.log_lambda.copy_(torch.tensor([0.5, -1.0]))
+    facts = _facts(["Bob", "Ann", "Eve", "Max", "Ada"])
+    with pytest.raises(ValueError, match="does not record"):
+        MalmenEditor(model, tok, net, lambda_scale="tokens")
+    with pytest.raises(ValueError, match="unknown lambda_scale"):
+        MalmenEditor(model, tok, net, lambda_scale="batch")
+    trained = MalmenEditor(model, tok, net).compute(facts)
+    n = trained.diagnostics["layer2"]["tokens"]
+    net.train_tokens = float(n)
+    same = MalmenEditor(model, tok, net, lambda_scale="tokens").compute(facts)
+    for a, b in zip(trained.deltas, same.deltas):
+        torch.testing.assert_close(a.dense(torch.float64), b.dense(torch.float64))
+    net.train_tokens = n / 4
+    scaled = MalmenEditor(model, tok, net, lambda_scale="tokens").compute(facts)
+    for i, l in enumerate((2, 3)):
+        lam = float(net.log_lambda.detach()[i]) + math.log(4)
+        assert scaled.diagnostics[f"layer{l}"]["log_lambda"] == pytest.approx(lam)
+    # the same shifts, solved densely with the larger ridge
+    from knowledger.editors.malmen import cache_tokens
+    from knowledger.editors.malmen.gradients import rewrite_chunks
+
+    spec = spec_for(model)
+    U = {l: [] for l in (2, 3)}
+    D = {l: [] for l in (2, 3)}
+    for _, tf in rewrite_chunks(tok, facts, 8):
+        cache = cache_tokens(model, spec, (2, 3), tf)
+        for i, l in enumerate((2, 3)):
+            U[l].append(cache.u[l].double())
+            D[l].append(net.shifts(i, cache.u[l], cache.g[l]).detach().double())
+    for i, l in enumerate((2, 3)):
+        S = _ridge_reference(torch.cat(U[l]), torch.cat(D[l]), float(net.log_lambda.detach()[i]) + math.log(4))
+        torch.testing.assert_close(scaled.deltas[i].dense(torch.float64), S.T, rtol=1e-4, atol=1e-6)

@@ -205,3 +205,25 @@ def test_gguf_conversion_parses_the_file_once_and_restores_gguf(monkeypatch):
     assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
     gguf.GGUFReader("m.gguf")
     assert len(built) == 3  # outside the conversion: no memo
+
+
+def test_gguf_conversion_parses_each_metadata_value_once_with_the_same_results(monkeypatch):
+    """transformers parses every GGUF field on each of its three loads; while converting, the same
+    array (the memoised reader's) is parsed once, and the values are transformers' own."""
+    import numpy as np
+    from transformers import modeling_gguf_pytorch_utils as loader
+
+    from knowledger.editors import models
+
+    real = loader._gguf_parse_value
+    parsed = []
+    monkeypatch.setattr(loader, "_gguf_parse_value", lambda v, t: parsed.append(id(v)) or real(v, t))
+    counting = loader._gguf_parse_value
+    word = np.frombuffer("Paris".encode(), dtype=np.uint8)
+    number, other = np.array([7], dtype=np.uint32), np.array([7], dtype=np.uint32)
+    items = [(word, [8]), (word, [8]), (number, 4), (number, 4), (other, 4), (word, [9, 8])]
+    with models._gguf_read_once():
+        got = [loader._gguf_parse_value(v, t) for v, t in items]
+    assert got == [real(v, t) for v, t in items] == ["Paris", "Paris", 7, 7, 7, "Paris"]
+    assert parsed == [id(word), id(number), id(other), id(word)]  # per (array, type), once
+    assert loader._gguf_parse_value is counting  # restored afterwards

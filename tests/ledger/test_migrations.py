@@ -10,7 +10,7 @@ from sqlalchemy import inspect, text
 
 from knowledger.agent.facts import submit_fact
 from knowledger.agent.workspace import open_workspace
-from knowledger.ledger import migrate
+from knowledger.ledger import migrate, schema
 from knowledger.ledger.db import make_engine
 from knowledger.ledger.errors import SchemaOutdated
 from knowledger.ledger.facts import validate_fact
@@ -38,13 +38,20 @@ def test_revisions_are_linear_and_end_at_the_noop_marker():
                                                                                   "0003", "0002", "0001"]
 
 
+def test_the_head_every_command_checks_is_alembics_head():
+    assert schema.HEAD_REVISION == migrate.head_revision()
+
+
 def test_upgrade_downgrade_round_trip_on_an_empty_database(engine):
+    assert schema.current_revision(engine) is None  # no version table yet
     for _ in range(2):
         migrate.upgrade(engine)
-        assert migrate.current_revision(engine) == "0007"
+        assert migrate.current_revision(engine) == schema.current_revision(engine) == "0007"
         assert tables(engine) == TABLES
+        migrate.downgrade(engine, "0003")
+        assert schema.current_revision(engine) == migrate.current_revision(engine) == "0003"
         migrate.downgrade(engine, "base")
-        assert migrate.current_revision(engine) is None
+        assert migrate.current_revision(engine) is None and schema.current_revision(engine) is None
         assert tables(engine) == set()
     migrate.upgrade(engine)
     assert tables(engine) == TABLES
