@@ -51,10 +51,11 @@ class HypernetRef:
     artifact_id: int
     sha256: str
     path: str  # as recorded: relative to the workspace home, or absolute
+    lambda_scale: str = "trained"  # EditHParams.malmen_lambda: how e^λ meets this batch's size
 
     @classmethod
-    def of(cls, row: Artifact) -> HypernetRef:
-        return cls(row.id, row.sha256, row.path)
+    def of(cls, row: Artifact, lambda_scale: str = "trained") -> HypernetRef:
+        return cls(row.id, row.sha256, row.path, lambda_scale)
 
 
 def folder_of(loc: Location, path: str) -> Path:
@@ -69,9 +70,9 @@ def current(session) -> Artifact | None:
     return repo.artifact_by_sha(session, sha) if sha else None
 
 
-def current_ref(session, sha: str | None = None) -> HypernetRef:
+def current_ref(session, sha: str | None = None, lambda_scale: str = "trained") -> HypernetRef:
     """The current hyper-network (`sha`: the setting as the caller read it, default: read it now),
-    or the one-line error that says how to get one."""
+    or the one-line error that says how to get one; lambda_scale: the workspace's malmen_lambda."""
     sha = sha or repo.get_setting(session, SETTING)
     if not sha:
         raise KnowledgerError(NONE_REGISTERED)
@@ -79,21 +80,23 @@ def current_ref(session, sha: str | None = None) -> HypernetRef:
     if row is None:
         raise KnowledgerError(f"the current MALMEN hyper-network {sha[:12]} is not in the ledger: "
                               f"add it again with `knowledger hypernet add DIR`")
-    return HypernetRef.of(row)
+    return HypernetRef.of(row, lambda_scale)
 
 
 def recorded_ref(session, op) -> HypernetRef:
     """The hyper-network a MALMEN operation ran on: its artifact_id, else (an operation whose
-    artifact_id a schema downgrade dropped) the sha256 its hparams recorded."""
+    artifact_id a schema downgrade dropped) the sha256 its hparams recorded; with the malmen_lambda
+    it ran with ("trained" for operations recorded before the knob)."""
+    lam = (op.hparams_json or {}).get("malmen_lambda", "trained")
     if op.artifact_id is not None:
-        return HypernetRef.of(repo.get_artifact(session, op.artifact_id))
+        return HypernetRef.of(repo.get_artifact(session, op.artifact_id), lam)
     sha = (op.hparams_json or {}).get("hypernet_sha256")
     row = repo.artifact_by_sha(session, sha) if sha else None
     if row is None:
         raise KnowledgerError(f"operation seq {op.seq} ran MALMEN with hyper-network {(sha or '?')[:12]}, "
                               f"which this workspace has not registered: add it again with "
                               f"`knowledger hypernet add DIR`")
-    return HypernetRef.of(row)
+    return HypernetRef.of(row, lam)
 
 
 def load_verified(loc: Location, ref: HypernetRef):

@@ -62,9 +62,12 @@ def batch_hparams(ws, settings, model, method: str, op=None, *, same_weights: bo
     if method != MALMEN:
         return recorded_or_settings(settings, model,
                                     op.hparams_json if op is not None and same_weights else None)
+    if op is not None:
+        with ws.reading() as s:
+            return hypernets.recorded_ref(s, op)
+    lam = recorded_or_settings(settings, model, None).malmen_lambda
     with ws.reading() as s:  # the current one as this command's settings (and plan) saw it
-        return hypernets.current_ref(s, settings.malmen_hypernet) if op is None \
-            else hypernets.recorded_ref(s, op)
+        return hypernets.current_ref(s, settings.malmen_hypernet, lam)
 
 
 # --- how an operation records its recipe ---------------------------------------------------------
@@ -79,7 +82,8 @@ def recipe_of(method: str, hp, editor) -> Recipe:
     """How a batch was computed, as its operation records it. MALMEN records its hyper-network
     (HyperConfig + sha256, and the artifact row), no distribution."""
     if method == MALMEN:
-        return Recipe(None, dict(editor.net.config.to_dict(), hypernet_sha256=editor.sha),
+        return Recipe(None, dict(editor.net.config.to_dict(), hypernet_sha256=editor.sha,
+                                 malmen_lambda=editor.lambda_scale),
                       hp.artifact_id)
     if method == ULTRAEDIT:  # the knobs as they ran (the family's preset filled in)
         from knowledger.editors.ultraedit import as_edit_hparams
@@ -172,11 +176,12 @@ class Editors:
         from knowledger.editors.malmen import MalmenEditor
 
         lm = live.lm
-        key = (ref.sha256, id(lm.model))
+        key = (ref.sha256, ref.lambda_scale, id(lm.model))
         if key not in self._malmen:
             net, sha = hypernets.load_verified(self.ws.location, ref)
             try:
-                self._malmen[key] = MalmenEditor(lm.model, lm.tokenizer, net, sha=sha)
+                self._malmen[key] = MalmenEditor(lm.model, lm.tokenizer, net, sha=sha,
+                                                 lambda_scale=ref.lambda_scale)
             except ValueError as e:  # editors.malmen.check_compatible
                 raise KnowledgerError(f"MALMEN hyper-network {sha[:12]}: {e}") from e
         return self._malmen[key]

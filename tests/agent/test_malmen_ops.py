@@ -3,6 +3,7 @@ the scheduler's MALMEN rule. On the editable tiny model with an untrained hyper-
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -256,3 +257,34 @@ def test_settings_save_leaves_the_hypernet_to_its_commands(ws):
         with w.reading() as s:
             assert repo.get_setting(s, "malmen_hypernet") == "ef" * 32
             assert repo.get_setting(s, "malmen_min_batch") == DEFAULT_MALMEN_MIN_BATCH
+
+
+def test_malmen_lambda_tokens_is_recorded_and_recomputed_with_the_same_scale(ws, tmp_path, tiny_dir):
+    """The workspace's malmen_lambda reaches the ledger's MALMEN batches: recorded in the operation's
+    hparams, applied to λ (diagnostics), and an undo's re-apply recomputes with the recorded scale
+    even after the setting changed back."""
+    folder = tmp_path / "net-t"
+    save_tiny_hypernet(folder, tiny_dir, meta=dict(train_tokens=1.0))  # trained at 1 row per step
+    add(ws, folder)
+    ids = [submit(ws, *f) for f in GOOD[:3]]
+    apply(ws, editor="malmen", overrides=dict(OVERRIDES, malmen_lambda="tokens"))
+    [op] = rows(ws, Operation)
+    assert op.hparams_json["malmen_lambda"] == "tokens"
+    diag = op.metrics_json["diagnostics"]
+    n = diag["layer2"]["tokens"]
+    assert n == 3 and diag["layer2"]["log_lambda"] == pytest.approx(math.log(3))  # untrained λ is 0
+    with open_workspace(ws) as w, w.writing() as s:  # the setting back to "trained" (as an apply stores it)
+        repo.set_setting(s, "hparams_overrides", dict(OVERRIDES, malmen_lambda="trained"))
+    call(ops.undo, ws, fact_id=ids[0])  # re-applies #2 #3 with the recorded scale
+    again = rows(ws, Operation, seq=3)[0]
+    assert again.hparams_json["malmen_lambda"] == "tokens"
+    assert again.metrics_json["diagnostics"]["layer2"]["log_lambda"] == pytest.approx(math.log(2))
+
+
+def test_malmen_lambda_tokens_refuses_a_hypernet_that_does_not_record_its_batch(ws, net_a):
+    add(ws, net_a[0])
+    submit(ws, *GOOD[0])
+    with pytest.raises(KnowledgerError, match="does not record"):
+        apply(ws, editor="malmen", overrides=dict(OVERRIDES, malmen_lambda="tokens"))
+    [fact] = rows(ws, Request)
+    assert fact.status.value == "pending" and rows(ws, Operation) == []
