@@ -135,10 +135,10 @@ class Corpus:
         suppressed so that every row stays useful to the end (documents are `max_new_tokens` long:
         short contexts, like the edit prompts'); under bf16 autocast where the hardware has bf16
         matrix units (`has_bf16_units`; `autocast_bf16` overrides). Rows per batch: 256, so the
-        default model's 15,360 tokens are one batch of 252 rows × 64 steps; wider matrix products
+        default model's 12,288 tokens are one batch of 202 rows × 64 steps; wider matrix products
         are cheaper per token on a CPU (measured on this AVX2 host: 128–139 tokens per CPU-second
         at 256 rows against 88–112 at 64; docs/benchmarks.md, "The first run"), and the KV cache
-        stays under 0.8 GB (252 rows × 66 positions × 30 layers).
+        stays under 0.8 GB (256 rows × 66 positions × 30 layers at most).
 
         The file starts with a heading line holding its key (weights, n_tokens, seed, sampler
         settings) and the sha256 of the text below it; `documents()` drops that line. A file whose
