@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 
 WORK = r"""
-import json, os, sys, time, torch
+import json, os, sys, time
+if sys.argv[4] == "knowledger":  # as the CLI does: knowledger.agent first, so its thread rule applies
+    import knowledger.agent
+import torch
 torch.set_num_threads(int(sys.argv[1]))
 from knowledger.agent.bench import load_requests
 from knowledger.editors.hparams import preset_for
@@ -40,8 +43,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default="/work/shared/data/counterfact/counterfact-train.json")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--settings", nargs="+", default=["2:default", "1:default", "2:PASSIVE"],
-                    help="THREADS:POLICY pairs, each run in a fresh process")
+    ap.add_argument("--settings", nargs="+", default=["2:default", "1:default", "2:PASSIVE", "2:knowledger"],
+                    help="THREADS:POLICY pairs, each run in a fresh process; POLICY: default (OpenMP's "
+                         "own, active waiting), an OMP_WAIT_POLICY value, or knowledger (no variable "
+                         "set, knowledger.agent imported first, as the CLI runs)")
     ap.add_argument("--busy", nargs="+", default=["no", "yes"], help="without / with the busy process")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
@@ -56,10 +61,10 @@ def main() -> None:
             for threads, wait in settings:
                 env = dict(os.environ)
                 env.pop("OMP_WAIT_POLICY", None)
-                if wait:
+                if wait and wait != "knowledger":
                     env["OMP_WAIT_POLICY"] = wait
                 t = time.perf_counter()
-                p = subprocess.run([sys.executable, "-c", WORK, threads, a.data, str(a.steps)], env=env,
+                p = subprocess.run([sys.executable, "-c", WORK, threads, a.data, str(a.steps), wait or "default"], env=env,
                                    capture_output=True, text=True)
                 line = p.stdout.strip().splitlines()[-1] if p.returncode == 0 else None
                 row = dict(threads=int(threads), omp_wait_policy=wait or "default", busy_process=busy,
