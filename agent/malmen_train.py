@@ -139,7 +139,8 @@ def train(lm: LoadedModel, requests: list[EditRequest], out: str | os.PathLike, 
     step = start
     try:
         if start == 0 and val_set:  # the untrained network's score: the bar every later one must beat
-            trainer.prime([train_set[i] for i in batch_at(len(train_set), 0, settings.batch, settings.seed)])
+            primed = trainer.prime([train_set[i] for i in batch_at(len(train_set), 0, settings.batch, settings.seed)])
+            meta["train_tokens"] = float(len(primed.u[hyper.layers[0]]))  # the batch λ was set on
             validate_and_keep(0)
         while step < settings.steps:
             idx = batch_at(len(train_set), step, settings.batch, settings.seed)

@@ -172,8 +172,9 @@ def test_a_freshly_trained_small_hypernet_raises_the_targets_probability(editabl
     assert sha == summary["best"]["sha256"]
     rows = [h["tokens"] for h in json.loads((tmp_path / "net" / "training.json").read_text())["history"]
             if "tokens" in h]
-    assert rows and net.train_tokens == pytest.approx(sum(rows[: summary["best"]["step"]]) / summary["best"]["step"],
-                                                      abs=0.05)  # the mean rows of the steps before it was kept
+    k = summary["best"]["step"]  # kept at step k: the mean rows of the steps before it, or at step 0
+    want = sum(rows[:k]) / k if k else rows[0]  # the first batch's (primed for step 0, then step 1's)
+    assert rows and net.train_tokens == pytest.approx(want, abs=0.05)
     items = [(r.text, r.target_new) for r in held_out]
     p_before = torch.tensor([s.logprob for s in score(model, tok, items)])
     res = MalmenEditor(model, tok, net, sha=sha).compute(held_out)  # the whole batch at once
