@@ -199,7 +199,7 @@ def _resume(out: Path, config: dict, model, spec, stream: Stream) -> dict | None
     if not path.is_file():
         return None
     progress = json.loads(path.read_text(encoding="utf-8"))
-    if progress["config"] != config:
+    if not same_config(progress["config"], config):
         raise ResumeMismatch(f"{out} holds a run with another config; use a new --out")
     state = out / progress["state"]["file"]
     if not state.is_file() or sha256_file(state) != progress["state"]["sha256"]:
@@ -210,6 +210,26 @@ def _resume(out: Path, config: dict, model, spec, stream: Stream) -> dict | None
             model.get_parameter(spec.weight_name(l)).copy_(t[f"weight.{l}"])
     stream.load_state(t)
     return progress
+
+
+def same_config(saved: dict, now: dict) -> bool:
+    """Whether a resumed run has the config it started with. An editor hyperparameter that a
+    later knowledger added (absent from the saved config) counts as the same when it has its
+    default value: the run is then computed exactly as before, and a code update between two
+    working days does not strand a run."""
+    if saved == now:
+        return True
+    import dataclasses
+
+    from knowledger.editors.hparams import EditHParams
+
+    a, b = dict(saved), dict(now)
+    ha, hb = dict(a.pop("hparams", None) or {}), dict(b.pop("hparams", None) or {})
+    if a != b or set(ha) - set(hb) or any(ha[k] != hb[k] for k in ha):
+        return False
+    defaults = {f.name: f.default for f in dataclasses.fields(EditHParams)
+                if f.default is not dataclasses.MISSING}
+    return all(k in defaults and hb[k] == defaults[k] for k in set(hb) - set(ha))
 
 
 def run(model, tokenizer, spec, requests, stream: Stream, out: Path, config: dict, *,

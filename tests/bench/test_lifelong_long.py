@@ -154,3 +154,15 @@ def test_the_ledger_stream_consolidates_on_the_workspace_rule(tmp_path):
     _, kinds = _ledger_statuses(tmp_path / "c" / "ws")
     assert kinds.count("consolidate") == 1 and kinds.count("apply") == 3
     assert [b.get("consolidated") for b in progress["batches"]] == [None, 1.0, None]
+
+
+def test_a_hyperparameter_added_since_the_run_started_resumes_at_its_default():
+    from bench.lifelong_long import same_config
+
+    saved = dict(editor="memit", batch=100, hparams=dict(v_lr=2.0, layers=[3, 4]))
+    assert same_config(saved, dict(saved, hparams=dict(saved["hparams"], malmen_lambda="trained")))
+    assert not same_config(saved, dict(saved, hparams=dict(saved["hparams"], malmen_lambda="tokens")))
+    assert not same_config(saved, dict(saved, hparams=dict(saved["hparams"], no_such_knob=1)))
+    assert not same_config(saved, dict(saved, hparams=dict(v_lr=2.0)))  # a key went missing
+    assert not same_config(saved, dict(saved, hparams=dict(saved["hparams"], v_lr=1.0)))
+    assert not same_config(saved, dict(saved, batch=10))
