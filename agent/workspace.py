@@ -292,7 +292,7 @@ def upgrade_workspace(db: str | os.PathLike | None = None, revision: str = "head
             migrate.upgrade(engine, revision)
         except SQLAlchemyError as e:
             raise KnowledgerError(f"upgrade failed, nothing changed: {getattr(e, 'orig', None) or e}") from e
-        after = migrate.current_revision(engine)
+        after = schema.current_revision(engine)
     return dict(database=loc.display_url, before=before, after=after)
 
 

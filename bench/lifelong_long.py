@@ -116,7 +116,6 @@ class LedgerStream(Stream):
 
         with knowledger.init(str(ws_dir), model=base_model) as ws:
             settings.set_value(ws, "consolidate_every", str(int(consolidate_every)))
-        self.consolidations = 0
 
     @property
     def layers(self):
@@ -147,7 +146,6 @@ class LedgerStream(Stream):
                 editors = sorted({op.editor for op in result.operations if op.editor})
                 timings["editors"] = ",".join(editors)
                 if result.consolidation is not None:
-                    self.consolidations += 1
                     timings["consolidated"] = 1.0
             counts = self._counts(ws, tag)
             timings["applied"] = float(counts.get("applied", 0))

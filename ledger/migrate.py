@@ -56,7 +56,9 @@ def known_revision(revision: str) -> bool:
 
 
 def current_revision(engine: Engine) -> str | None:
-    """The database's revision; None for a database Alembic never touched."""
+    """The database's revision as Alembic reads it; None for a database Alembic never touched.
+    Commands read it with ledger.schema.current_revision (no Alembic import); the tests check the
+    two agree."""
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 

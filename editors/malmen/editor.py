@@ -92,7 +92,6 @@ class MalmenEditor:
         timings["total_s"] = time.perf_counter() - t0
         return result
 
-
     def log_lambda(self, i: int, n: int) -> float:
         """The λ that solves layer index i's normal equation of n rows: the trained λ_ℓ, plus
         log(n / n_train) under lambda_scale "tokens" (UᵀU and UᵀD are sums over rows, so this keeps
