@@ -364,8 +364,7 @@ def make_stream(lm, name: str, overrides: dict, corpus: str = "wiki") -> Stream:
     from knowledger.editors.memory import KeyMemory
 
     hp = resolve_hparams(lm, None, overrides)
-    path = {"wiki": DATA / "corpus" / "wiki.test.raw", "sampled": None}.get(corpus, corpus)
-    return Stream(name, make_editor(lm, name, hp, path, progress=False), KeyMemory())
+    return Stream(name, make_editor(lm, name, hp, corpus_path(corpus), progress=False), KeyMemory())
 
 
 def ledger_stream(lm, ws_dir: Path, editor: str, overrides: dict, *, corpus: str = "wiki", batch: int,
@@ -376,9 +375,15 @@ def ledger_stream(lm, ws_dir: Path, editor: str, overrides: dict, *, corpus: str
     from knowledger.editors.ultraedit import preset_for
 
     layers = set(resolve_hparams(lm, None, overrides).layers) | set(preset_for(lm.model)[0].layers)
-    path = {"wiki": DATA / "corpus" / "wiki.test.raw", "sampled": None}.get(corpus, corpus)
+    path = corpus_path(corpus)
     return LedgerStream(lm.model, ws_dir, editor, sorted(layers), batch=batch, consolidate_every=consolidate_every,
                         corpus=str(path) if path else None, overrides=overrides)
+
+
+def corpus_path(corpus: str):
+    """--corpus as the editors take it: WikiText-2's file for "wiki", None (the model's own
+    sampled text) for "sampled", else the path given."""
+    return {"wiki": DATA / "corpus" / "wiki.test.raw", "sampled": None}.get(corpus, corpus)
 
 
 def stream_hparams(stream: Stream) -> dict:
