@@ -21,7 +21,7 @@ from knowledger.editors.apply import restore_params, snapshot_params
 from knowledger.editors.evaluate import aggregate, fact_metrics
 from knowledger.editors.requests import EditRequest
 
-from knowledger.agent.direct import apply_result, requests_from_facts
+from knowledger.agent.direct import apply_result, requests_from_facts, with_anchor
 from knowledger.agent.loaded import LoadedModel
 from knowledger.agent.recipes import direct_editor
 from knowledger.editors.progress import Progress, report
@@ -129,10 +129,12 @@ def run(lm: LoadedModel, requests: list[EditRequest], *, editor: str, batch_size
     settings = settings or EditSettings()
     stats_before = lm.stats_s
     eds: dict[str, object] = {}
+    anchors: dict[str, float] = {}  # NAS on without an anchor: measured once per site, before any edit
 
     def get(method):
         if method not in eds:
-            eds[method] = direct_editor(lm, method, hp, corpus, progress=progress, hypernet=hypernet)
+            h = with_anchor(lm, method, hp, corpus, progress=progress, measured=anchors, clean=not eds)
+            eds[method] = direct_editor(lm, method, h, corpus, progress=progress, hypernet=hypernet)
         return eds[method]
 
     first = get(choose_editor(min(batch_size, len(requests)), editor, settings.auto_memit_min_batch,

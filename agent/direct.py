@@ -44,6 +44,28 @@ def requests_from_facts(facts) -> list:
                         neighborhood=tuple((p, a) for p, a in f.neighborhood)) for f in facts]
 
 
+def with_anchor(lm: LoadedModel, method: str, hp: EditHParams, corpus=None, *,
+                progress: Progress | None = None, measured: dict | None = None,
+                clean: bool = True) -> EditHParams:
+    """hp, with `nas_anchor` measured now from the pilot facts on the model as loaded (taken to be
+    the clean one) when `nas` is on and no anchor is given (NAS without a ledger); else hp as is.
+    measured: a dict kept by the caller so that editors of one site share one measurement; clean
+    False (the model has been edited since it was loaded) refuses to measure."""
+    if not wants_anchor(method, hp):
+        return hp
+    site = site_of(method)
+    if measured is None or site not in measured:
+        if not clean:
+            raise ValueError(f"nas is on and the {site} anchor was not measured before the first edit: "
+                             "pass nas_anchor (e.g. --set nas_anchor=...)")
+        pilot = direct_editor(lm, PILOT_METHOD[site], hp.replace(nas=False), corpus, progress=progress)
+        norm = measure(pilot, progress=progress)[0].norm
+        if measured is None:
+            return hp.replace(nas_anchor=norm)
+        measured[site] = norm
+    return hp.replace(nas_anchor=measured[site])
+
+
 def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams, corpus=None,
                 progress: Progress | None = None, top_k: int = 3, hypernet=None) -> dict:
     """Edit the loaded model in place (no ledger) and report before/after top tokens per prompt.
@@ -61,9 +83,7 @@ def direct_edit(lm: LoadedModel, requests: list, *, method: str, hp: EditHParams
                                                                            *(q for q, _ in r.neighborhood))}
                 for r in requests]
 
-    if wants_anchor(method, hp):  # NAS without a ledger: the anchor is measured now, on the model as loaded
-        pilot = direct_editor(lm, PILOT_METHOD[site_of(method)], hp.replace(nas=False), corpus, progress=progress)
-        hp = hp.replace(nas_anchor=measure(pilot, progress=progress)[0].norm)
+    hp = with_anchor(lm, method, hp, corpus, progress=progress)
     editor = direct_editor(lm, method, hp, corpus, progress=progress, hypernet=hypernet)
     before = probe()
     groups = get_method(method).batches(requests)  # ROME: one fact per batch

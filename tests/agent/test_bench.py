@@ -88,3 +88,23 @@ def test_cli_bench_writes_json_and_table_writes_markdown_and_pngs(tiny, tmp_path
     text = md.read_text()
     assert "none (unedited)" in text and "| emmet |" in text and "ppl ×base" in text
     assert png.stat().st_size > 1000 and curves.stat().st_size > 1000
+
+
+def test_nas_without_an_anchor_is_measured_once_on_the_clean_model(tiny):
+    """`bench counterfact --set nas=true`: the anchor is measured from the pilot facts before the
+    first edit (as `knowledger edit` does), never on weights the run has already edited."""
+    from knowledger.agent.direct import with_anchor
+
+    lm, corpus = tiny
+    out = {}
+    for ratio in (0.01, 2.0):
+        hp = resolve_hparams(lm, None, {**HP, "nas": True, "nas_max_ratio": ratio})
+        rec = B.run(lm, facts(4), editor="emmet", batch_size=2, hp=hp, corpus=str(corpus),
+                    curve_points=2, heldout_tokens=0, entropy_prompts=0)
+        out[ratio] = rec
+    assert out[0.01]["health"]["max_delta_rel"] < 1e-6  # every target above 0.01 × ā: refused
+    assert out[2.0]["health"]["max_delta_rel"] > 1e-3 and out[2.0]["metrics"]["efficacy"] > 0.5
+    hp = resolve_hparams(lm, None, {**HP, "nas": True})
+    with pytest.raises(ValueError, match="before the first edit"):
+        with_anchor(lm, "emmet", hp, str(corpus), measured={}, clean=False)
+    assert with_anchor(lm, "emmet", hp.replace(nas_anchor=3.0), clean=False).nas_anchor == 3.0
