@@ -53,16 +53,13 @@ def with_anchor(lm: LoadedModel, method: str, hp: EditHParams, corpus=None, *,
     False (the model has been edited since it was loaded) refuses to measure."""
     if not wants_anchor(method, hp):
         return hp
-    site = site_of(method)
-    if measured is None or site not in measured:
+    site, measured = site_of(method), {} if measured is None else measured
+    if site not in measured:
         if not clean:
             raise ValueError(f"nas is on and the {site} anchor was not measured before the first edit: "
                              "pass nas_anchor (e.g. --set nas_anchor=...)")
         pilot = direct_editor(lm, PILOT_METHOD[site], hp.replace(nas=False), corpus, progress=progress)
-        norm = measure(pilot, progress=progress)[0].norm
-        if measured is None:
-            return hp.replace(nas_anchor=norm)
-        measured[site] = norm
+        measured[site] = measure(pilot, progress=progress)[0].norm
     return hp.replace(nas_anchor=measured[site])
 
 
