@@ -67,7 +67,7 @@ def test_matches_brute_force(family, corpus, tmp_path):
     model, tok = tiny_model(family), tiny_tokenizer()
     layers = [0, 2]
     got = second_moments(model, tok, layers, corpus, 700, seq_len=64, batch_size=4, progress=False,
-                         cache_dir=tmp_path / "stats")
+                         cache_dir=tmp_path / "stats", autocast_bf16=False)
     want = _brute_force(model, tok, corpus, layers, 700, 64)
     d_in = spec_for(model).mlp_dims(model)[1]
     for i in layers:
@@ -82,15 +82,32 @@ def test_padding_is_excluded(corpus):
     lengths = {len(c) for c in corpus.chunks(tok, 600, 96)}
     assert len(lengths) > 2  # the corpus really yields ragged sequences
     results = [second_moments(model, tok, [1, 3], corpus, 600, seq_len=96, batch_size=bs,
-                              progress=False, cache=False) for bs in (1, 3, 7)]
+                              progress=False, cache=False, autocast_bf16=False) for bs in (1, 3, 7)]
     for other in results[1:]:
         for i in (1, 3):
             torch.testing.assert_close(other[i], results[0][i], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("units", [False, True])
+def test_default_forward_follows_the_hosts_bf16_units(units, corpus, tmp_path, monkeypatch):
+    """autocast_bf16=None asks `has_bf16_units`: the same C, from the same cache file, as passing
+    what it answers (CI hosts differ: AVX2 here, AVX512-BF16 there)."""
+    monkeypatch.setattr(stats, "has_bf16_units", lambda device: units)
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    kw = dict(progress=False, cache_dir=tmp_path / "stats", seq_len=64, batch_size=4)
+    default = second_moments(model, tok, [0], corpus, 300, **kw)[0]
+    calls, handle = _count_forwards(model)
+    explicit = second_moments(model, tok, [0], corpus, 300, autocast_bf16=units, **kw)[0]
+    handle.remove()
+    assert not calls and torch.equal(default, explicit)
+    other = second_moments(model, tok, [0], corpus, 300, autocast_bf16=not units, **kw)[0]
+    assert not torch.equal(other, default)
+
+
 def test_float64_and_validation(corpus):
     model, tok = tiny_model("gpt2"), tiny_tokenizer()
-    c = second_moments(model, tok, [1], corpus, 200, dtype="float64", progress=False, cache=False)[1]
+    c = second_moments(model, tok, [1], corpus, 200, dtype="float64", progress=False, cache=False,
+                       autocast_bf16=False)[1]
     assert c.dtype == torch.float64 and torch.equal(c, c.T)
     assert torch.linalg.eigvalsh(c).min() > -1e-10  # positive semi-definite
     with pytest.raises(ValueError, match="out of range"):
@@ -103,7 +120,8 @@ def test_cache_hit_and_key_changes(corpus, tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     calls, handle = _count_forwards(model)
     folder = tmp_path / "stats"
-    kw = dict(progress=False, cache_dir=folder, seq_len=64, batch_size=4)
+    # float32 forward pinned: the default follows the host's bf16 units (test_default_forward_...)
+    kw = dict(progress=False, cache_dir=folder, seq_len=64, batch_size=4, autocast_bf16=False)
     first = second_moments(model, tok, [0, 2], corpus, 500, **kw)
     assert calls and len(list(folder.glob("*.safetensors"))) == 2
     calls.clear()
@@ -124,7 +142,7 @@ def test_cache_hit_and_key_changes(corpus, tmp_path):
     second_moments(model, tok, [0], corpus, 500, dtype="float64", **kw)  # another dtype
     assert calls
     calls.clear()
-    fast = second_moments(model, tok, [0], corpus, 500, autocast_bf16=True, **kw)  # bf16 forward
+    fast = second_moments(model, tok, [0], corpus, 500, **dict(kw, autocast_bf16=True))  # bf16 forward
     assert calls and not torch.equal(fast[0], first[0])
     assert (fast[0] - first[0]).norm() < 0.05 * first[0].norm()
     handle.remove()
@@ -354,7 +372,7 @@ def test_keys_collected_while_sampling_equal_a_full_forward(family, tmp_path):
     a plain full forward of each row's token ids, to float rounding."""
     model, tok = tiny_model(family, n_layers=3), tiny_tokenizer()
     spec = spec_for(model)
-    kw = dict(seed=1, batch_size=3, max_new_tokens=7, progress=False)
+    kw = dict(seed=1, batch_size=3, max_new_tokens=7, progress=False, autocast_bf16=False)
     tap = stats.KeyTap(model, spec, [0, 2])
     tap.flush_rows = 5  # several flushes
     Corpus.sampled(model, tok, 60, cache_dir=tmp_path / "a", observe=tap, **kw)
