@@ -271,7 +271,8 @@ def _preset_keys(name: str) -> set[str]:
 def default_autocast_bf16(device) -> bool:
     """Whether v* runs under bf16 autocast by default on `device`: on CUDA with bf16 support, and
     on CPUs with bf16 matrix units (Intel AMX: `amx_bf16` in /proc/cpuinfo, or torch reporting an
-    AMX capability). Elsewhere (e.g. AVX2/AVX-512 without AMX) bf16 is emulated and no faster."""
+    AMX capability). Elsewhere it is off: on AVX2 bf16 is emulated, and on AVX512-BF16 without AMX
+    v* measured no faster (docs/benchmarks.md, "An AVX512-BF16 host"), though its large products are."""
     import torch
 
     device = torch.device(device)
