@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .fileio import atomic_write_text, sha256_bytes
+from .hparams import cpu_flags
 from .models import cache_root, file_sha256, weights_sha256
 from .progress import Progress, report
 
@@ -232,12 +233,7 @@ def has_bf16_units(device: torch.device | str = "cpu") -> bool:
         return bool(torch.cuda.is_bf16_supported())
     if device.type != "cpu":
         return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return bool({"amx_bf16", "avx512_bf16"} & set(flags.split()))
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def _clean(line: str) -> str:

@@ -280,10 +280,14 @@ def default_autocast_bf16(device) -> bool:
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     if device.type != "cpu":
         return False
-    if "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper():
-        return True
+    return "AMX" in str(torch.backends.cpu.get_cpu_capability()).upper() or "amx_bf16" in cpu_flags()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags: /proc/cpuinfo's first `flags` line (empty where it cannot be read)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return False
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())

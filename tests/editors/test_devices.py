@@ -62,6 +62,23 @@ def test_top_tokens_and_the_bf16_default_follow_the_device():
     assert preset_for(model).autocast_bf16 == default_autocast_bf16("cpu")  # recorded, not implied
 
 
+@pytest.mark.parametrize("flags, stats_bf16, v_bf16", [
+    (set(), False, False),                        # AVX2: bf16 emulated, float32 everywhere
+    ({"avx512_bf16"}, True, False),               # AVX512-BF16: the sampler gains, v* does not
+    ({"avx512_bf16", "amx_bf16"}, True, True),    # AMX: both
+])
+def test_which_cpus_get_bf16(flags, stats_bf16, v_bf16, monkeypatch):
+    """The statistics' default (`has_bf16_units`) and v*'s (`default_autocast_bf16`) read the same
+    CPU flags and differ where the measurements did (docs/benchmarks.md, "An AVX512-BF16 host")."""
+    from knowledger.editors import corpus, hparams
+
+    monkeypatch.setattr(corpus, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hparams, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert corpus.has_bf16_units("cpu") is stats_bf16
+    assert default_autocast_bf16("cpu") is v_bf16
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
