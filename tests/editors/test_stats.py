@@ -91,7 +91,7 @@ def test_padding_is_excluded(corpus):
 @pytest.mark.parametrize("units", [False, True])
 def test_default_forward_follows_the_hosts_bf16_units(units, corpus, tmp_path, monkeypatch):
     """autocast_bf16=None asks `has_bf16_units`: the same C, from the same cache file, as passing
-    what it answers (CI hosts differ: AVX2 here, AVX512-BF16 there)."""
+    what it answers (hosts of this machine kind differ: AVX2 on some, AVX512-BF16 on others)."""
     monkeypatch.setattr(stats, "has_bf16_units", lambda device: units)
     model, tok = tiny_model("llama"), tiny_tokenizer()
     kw = dict(progress=False, cache_dir=tmp_path / "stats", seq_len=64, batch_size=4)
